@@ -1,0 +1,89 @@
+#!/bin/bash
+# The main job.
+#   With CUDA GPUs: upstream nanochat's speedrun (shards -> tokenizer -> base model over all
+#     GPUs with torchrun -> evals). Set WANDB_RUN=name to log to wandb.
+#   Without a GPU: a tiny offline run end to end in a few minutes on CPU (CPython's own docs
+#     as the corpus -> tokenizer -> base model -> bits-per-byte eval -> samples -> summary).
+# Artifacts go to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat; the CPU preset uses
+# ~/.cache/nanochat-cpu so it never mixes with a real run).
+#   bash speedrun.sh            # auto-detect
+#   NANOCHAT_PRESET=cpu bash speedrun.sh   # force the CPU preset
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ -z "${NANOCHAT_PRESET:-}" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        NANOCHAT_PRESET=gpu
+    else
+        NANOCHAT_PRESET=cpu
+    fi
+fi
+WANDB_RUN="${WANDB_RUN:-dummy}"  # 'dummy' skips wandb
+source scripts/uv_env.sh
+source .venv/bin/activate
+START_TIME=$(date +%s)
+step() { echo; echo "=== [$(( $(date +%s) - START_TIME ))s] $*"; }
+
+if [ "$NANOCHAT_PRESET" = "gpu" ]; then
+    # -------------------------------------------------------------------------
+    # GPU: upstream's speedrun (see runs/speedrun.sh for the annotated original)
+    export OMP_NUM_THREADS=1
+    export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+    mkdir -p "$NANOCHAT_BASE_DIR"
+    NPROC=$(nvidia-smi -L | wc -l)
+    step "tokenizer: download 8 shards (~2B chars), keep downloading 170 in the background"
+    python -m nanochat.dataset -n 8
+    python -m nanochat.dataset -n 170 &
+    DATASET_DOWNLOAD_PID=$!
+    python -m scripts.tok_train
+    python -m scripts.tok_eval
+    step "base model: d24 on $NPROC GPU(s)"
+    wait $DATASET_DOWNLOAD_PID
+    torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 --device-batch-size=16 --fp8 --run="$WANDB_RUN"
+    torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_eval -- --device-batch-size=16
+    if [ -f scripts/chat_sft.py ]; then
+        step "SFT and chat eval"
+        torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_sft -- --run="$WANDB_RUN"
+        torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_eval -- -i sft
+    fi
+    step "done in $(( $(date +%s) - START_TIME ))s. Chat: python -m scripts.chat_cli -p 'Why is the sky blue?'"
+    exit 0
+fi
+
+# -----------------------------------------------------------------------------
+# CPU preset: small and offline. Nothing here touches the network.
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-cpu}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+mkdir -p "$NANOCHAT_BASE_DIR"
+LOG_DIR="$NANOCHAT_BASE_DIR/speedrun_logs"
+mkdir -p "$LOG_DIR"
+
+step "data: shards from CPython's bundled docs -> $NANOCHAT_BASE_DIR/base_data_climbmix"
+python -m scripts.offline_data -n 4
+
+step "tokenizer: train a 4096-token BPE"
+python -m scripts.tok_train --vocab-size=4096 --max-chars=20000000 2>&1 | tee "$LOG_DIR/tok_train.log"
+
+step "base model: tiny config (configs/cpu_tiny.yaml)"
+python -m nanochat.train --config configs/cpu_tiny.yaml 2>&1 | tee "$LOG_DIR/base_train.log"
+
+step "evaluation: bits per byte on train/val, and samples"
+python -m scripts.base_eval --eval=bpb,sample --model-tag=cpu_tiny --device-batch-size=4 --split-tokens=16384 2>&1 | tee "$LOG_DIR/base_eval.log"
+
+step "summary"
+python - "$LOG_DIR" <<'PY'
+import re, sys, pathlib
+logs = pathlib.Path(sys.argv[1])
+train = (logs / "base_train.log").read_text()
+evals = (logs / "base_eval.log").read_text()
+steps = re.findall(r"step (\d+)/(\d+) .*?loss: ([\d.]+).*?tok/sec: ([\d,]+)", train)
+val = re.findall(r"Validation bpb: ([\d.]+)", train)
+print(f"trained {steps[-1][1] if steps else '?'} steps, final train loss {steps[-1][2] if steps else '?'}, "
+      f"last tok/sec {steps[-1][3] if steps else '?'}")
+if val:
+    print(f"val bpb: first {val[0]}, last {val[-1]}")
+for line in evals.splitlines():
+    if "bpb" in line.lower():
+        print(line.strip())
+PY
+step "done in $(( $(date +%s) - START_TIME ))s. Artifacts: $NANOCHAT_BASE_DIR"
