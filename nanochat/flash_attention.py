@@ -1,0 +1,160 @@
+"""
+One attention entry point for the model, whatever the hardware.
+
+`flash_attn` mimics the Flash Attention 3 interface (flash_attn_func for training,
+flash_attn_with_kvcache for inference). When FA3 can be loaded (CUDA, fetched through
+the optional `kernels` package, bf16 compute) the calls go straight to it; otherwise
+they run on PyTorch's scaled_dot_product_attention with the same semantics, including
+sliding windows and the in-place KV-cache update. Tensors are (B, T, H, D), FA3's layout.
+
+    from nanochat.flash_attention import flash_attn
+    y = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(W, 0))
+    y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
+                                           cache_seqlens=pos, causal=True, window_size=(W, 0))
+
+Window convention (FA3's): window_size = (left, right); a query at position i sees keys
+at positions j with i - left <= j <= i (right is 0 for causal); left < 0 means unlimited.
+"""
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Is FA3 available?
+
+
+def _load_flash_attention_3():
+    """Return the FA3 interface module, or None if this machine cannot use it."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        major, _ = torch.cuda.get_device_capability()
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        # `kernels` (optional gpu extra) downloads prebuilt kernels from the HF hub. Any
+        # failure here (package missing, no network, no build for this GPU) just means
+        # we use SDPA, which is correct everywhere, only slower.
+        from kernels import get_kernel, has_kernel
+        if major == 9:
+            # Hopper: this build is the faster one on H100
+            return get_kernel("varunneal/flash-attention-3").flash_attn_interface
+        # Ampere/Ada builds exist in the community repo; Blackwell has none yet
+        community = "kernels-community/flash-attn3"
+        if has_kernel(community):
+            return get_kernel(community).flash_attn_interface
+        return None
+    except Exception:
+        return None
+
+
+_fa3 = _load_flash_attention_3()
+HAS_FA3 = _fa3 is not None
+
+# Tests set this to 'fa3' or 'sdpa' (then re-run _resolve_use_fa3); None = automatic
+_override_impl = None
+
+
+def _resolve_use_fa3():
+    """Whether calls should go to FA3, given availability, the override and the compute dtype."""
+    if _override_impl == 'fa3':
+        assert HAS_FA3, "Cannot override to FA3: not available on this hardware"
+        return True
+    if _override_impl == 'sdpa':
+        return False
+    if not HAS_FA3:
+        return False
+    # the FA3 kernels only do bf16 (and fp8); fp16/fp32 compute has to take the SDPA path
+    from nanochat.common import COMPUTE_DTYPE
+    return COMPUTE_DTYPE == torch.bfloat16
+
+
+USE_FA3 = _resolve_use_fa3()
+
+# -----------------------------------------------------------------------------
+# SDPA fallback
+
+
+def _sdpa_attention(q, k, v, window_size, enable_gqa):
+    """
+    Causal attention with an optional left window, q/k/v in SDPA's (B, H, T, D) layout.
+    k/v may be longer than q (KV cache): then the queries are the *last* Tq positions.
+    """
+    Tq, Tk = q.size(2), k.size(2)
+    left = window_size[0]
+
+    # Plain causal attention over equal lengths: the fast fused path with no mask
+    if Tq == Tk and (left < 0 or left >= Tq):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+
+    # One query (decode step): it is the newest position, so causality is automatic and
+    # the window just trims the oldest keys; it sees itself plus `left` tokens back.
+    if Tq == 1:
+        if 0 <= left < Tk:
+            first = max(0, Tk - (left + 1))
+            k, v = k[:, :, first:, :], v[:, :, first:, :]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=enable_gqa)
+
+    # General case (a window shorter than the sequence, or a chunk appended to a cache):
+    # SDPA's is_causal aligns to the top-left corner, not to the end of the cache, so spell
+    # out the boolean mask in absolute positions.
+    q_pos = (Tk - Tq) + torch.arange(Tq, device=q.device).unsqueeze(1)  # (Tq, 1)
+    k_pos = torch.arange(Tk, device=q.device).unsqueeze(0)  # (1, Tk)
+    mask = k_pos <= q_pos
+    if 0 <= left < Tk:
+        mask = mask & ((q_pos - k_pos) <= left)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+# -----------------------------------------------------------------------------
+# Public API (FA3's signatures)
+
+
+def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
+    """
+    Attention without a cache (training, naive generation).
+    q (B, T, H, D), k/v (B, T, H_kv, D) with H_kv dividing H; returns (B, T, H, D).
+    window_size = (left, right), -1 = unlimited. The SDPA path is always causal, which
+    is the only way the model calls this.
+    """
+    if USE_FA3:
+        return _fa3.flash_attn_func(q, k, v, causal=causal, window_size=window_size)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    y = _sdpa_attention(q, k, v, window_size, enable_gqa=q.size(1) != k.size(1))
+    return y.transpose(1, 2)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
+                            causal=False, window_size=(-1, -1)):
+    """
+    Attention for inference against a preallocated cache, FA3-style.
+
+    q: (B, T_new, H, D) queries for the new tokens
+    k_cache, v_cache: (B, T_max, H_kv, D), updated IN PLACE with k/v at the current position
+    k, v: (B, T_new, H_kv, D) keys/values of the new tokens (or None to only read)
+    cache_seqlens: (B,) int32 tokens already in the cache (the SDPA path assumes every
+        row is at the same position, as the Engine guarantees)
+    Returns (B, T_new, H, D). The caller advances cache_seqlens afterwards.
+    """
+    if USE_FA3:
+        return _fa3.flash_attn_with_kvcache(
+            q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+            causal=causal, window_size=window_size,
+        )
+    T_new = q.size(1)
+    pos = cache_seqlens[0].item()
+    if k is not None and v is not None:
+        k_cache[:, pos:pos + T_new, :, :] = k
+        v_cache[:, pos:pos + T_new, :, :] = v
+    end = pos + T_new
+    q_t = q.transpose(1, 2)
+    k_t = k_cache[:, :end, :, :].transpose(1, 2)
+    v_t = v_cache[:, :end, :, :].transpose(1, 2)
+    y = _sdpa_attention(q_t, k_t, v_t, window_size, enable_gqa=q_t.size(1) != k_t.size(1))
+    return y.transpose(1, 2)
+
+
+# The model calls flash_attn.<fn>, exactly as it would call the FA3 module
+flash_attn = SimpleNamespace(
+    flash_attn_func=flash_attn_func,
+    flash_attn_with_kvcache=flash_attn_with_kvcache,
+)
