@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.gpt import GPT, GPTConfig, Linear
-from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit, tokenizing_distributed_data_loader_with_state_bos_bestfit
+from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit, tokenizing_distributed_data_loader_with_state_bos_bestfit, pack_doc_buffer
 from nanochat.common import compute_init, compute_cleanup, print0, DummyWandb, print_banner, get_base_dir, autodetect_device_type, get_peak_flops, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint
@@ -140,6 +140,17 @@ def disable_fp8(model):
     finally:
         for parent, attr, fp8_module in swapped:
             setattr(parent, attr, fp8_module)
+
+
+def loader_state_path(checkpoint_dir, step, rank):
+    return os.path.join(checkpoint_dir, f"loader_{step:06d}_rank{rank:d}.pt")
+
+
+def save_loader_state(checkpoint_dir, step, rank, snapshot):
+    """Write this rank's exact dataloader snapshot beside the checkpoint (temp name, then rename)."""
+    path = loader_state_path(checkpoint_dir, step, rank)
+    torch.save(pack_doc_buffer(snapshot), path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 SAMPLE_PROMPTS = [
@@ -299,9 +310,19 @@ def train(args, variant=None):
     if scaler is not None:
         print0("GradScaler enabled for fp16 training")
 
-    # Data
-    dataloader_resume_state_dict = meta_data["dataloader_state_dict"] if resuming else None
-    train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=dataloader_resume_state_dict)
+    # Data. Upstream resumes the loader approximately (from the next row group); we also
+    # save an exact snapshot of the loader (loader_XXXXXX_rankR.pt) so a resumed run sees
+    # the very batches an uninterrupted one would. Without that file we resume as upstream.
+    dataloader_resume_state_dict = None
+    if resuming:
+        dataloader_resume_state_dict = dict(meta_data["dataloader_state_dict"])
+        loader_path = loader_state_path(checkpoint_dir, args.resume_from_step, ddp_rank)
+        if os.path.exists(loader_path):
+            dataloader_resume_state_dict["exact"] = torch.load(loader_path)
+            print0("Resuming the dataloader exactly (loader snapshot found)")
+        else:
+            print0(f"No loader snapshot at {loader_path}: resuming the dataloader from the next row group, as upstream")
+    train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=dataloader_resume_state_dict, exact_resume=True)
     build_val_loader = lambda: tokenizing_distributed_data_loader_bos_bestfit(tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
     x, y, dataloader_state_dict = next(train_loader)  # the first batch
 
@@ -442,7 +463,7 @@ def train(args, variant=None):
                     "device_batch_size": args.device_batch_size,
                     "max_seq_len": args.max_seq_len,
                     "total_batch_size": total_batch_size,
-                    "dataloader_state_dict": dataloader_state_dict,
+                    "dataloader_state_dict": {k: v for k, v in dataloader_state_dict.items() if k != "exact"},
                     "loop_state": {
                         "min_val_bpb": min_val_bpb,
                         "smooth_train_loss": smooth_train_loss,
@@ -451,6 +472,7 @@ def train(args, variant=None):
                 },
                 rank=ddp_rank,
             )
+            save_loader_state(checkpoint_dir, step, ddp_rank, dataloader_state_dict["exact"])
             hooks.save_variant_state(variant, checkpoint_dir, step, rank=ddp_rank)  # hook: mc_XXXXXX.pt beside upstream's files
 
         if last_step:
