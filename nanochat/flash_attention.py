@@ -48,8 +48,29 @@ def _load_flash_attention_3():
         return None
 
 
+def _load_flash_attention_2():
+    """
+    The `flash-attn` package (our optional `gpu` extra, built from source with nvcc), used
+    only when no FA3 kernel could be loaded, e.g. on an offline Ampere/Hopper node. Its
+    flash_attn_func / flash_attn_with_kvcache take the same (B, T, H, D) tensors and the
+    same keyword arguments as FA3's, so the calls below need no change.
+    """
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import flash_attn
+        major, _ = torch.cuda.get_device_capability()
+        return flash_attn if major >= 8 else None
+    except Exception:
+        return None
+
+
 _fa3 = _load_flash_attention_3()
-HAS_FA3 = _fa3 is not None
+FLASH_IMPL = "fa3" if _fa3 is not None else None  # which flash kernel is loaded, for logs
+if _fa3 is None:
+    _fa3 = _load_flash_attention_2()
+    FLASH_IMPL = "fa2" if _fa3 is not None else None
+HAS_FA3 = _fa3 is not None  # upstream's name: "a flash kernel with FA3's interface is loaded"
 
 # Tests set this to 'fa3' or 'sdpa' (then re-run _resolve_use_fa3); None = automatic
 _override_impl = None

@@ -197,8 +197,10 @@ def train(args, variant=None):
         wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
 
     # Attention backend report, as upstream prints it
-    from nanochat.flash_attention import USE_FA3, HAS_FA3
-    if USE_FA3:
+    from nanochat.flash_attention import USE_FA3, HAS_FA3, FLASH_IMPL
+    if USE_FA3 and FLASH_IMPL == "fa2":
+        print0("✓ Using Flash Attention 2 (flash-attn, the gpu extra): no FA3 kernel could be loaded.")
+    elif USE_FA3:
         print0("✓ Using Flash Attention 3: efficient, new and awesome.")
     else:
         print0("!" * 80)

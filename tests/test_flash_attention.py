@@ -148,3 +148,19 @@ def test_gradients_flow_through_windowed_attention():
     reference_attention(qr, kr, vr, 3).sum().backward()
     for got, want in [(q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)]:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_flash_attn_package_is_the_fallback_on_ampere_or_newer(monkeypatch):
+    """The optional `gpu` extra (flash-attn) is picked up only on CUDA sm80+, when FA3 is not loadable."""
+    import sys
+    import types
+    import nanochat.flash_attention as fa
+    fake = types.ModuleType("flash_attn")
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert fa._load_flash_attention_2() is fake
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert fa._load_flash_attention_2() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fa._load_flash_attention_2() is None
