@@ -81,6 +81,22 @@ def add_param_groups(optimizer, groups):
         optimizer.add_param_group(group)
 
 
+def drop_frozen_params(optimizer):
+    """
+    Take parameters a variant froze (requires_grad=False, e.g. the base model while GistNet
+    trains) out of the optimizer, dropping groups left empty: nanochat's MuonAdamW refuses
+    parameters without gradients. A no-op, touching nothing, when nothing is frozen.
+    """
+    if all(p.requires_grad for group in optimizer.param_groups for p in group["params"]):
+        return
+    kept = []
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+        if group["params"]:
+            kept.append(group)
+    optimizer.param_groups[:] = kept
+
+
 def variant_state_path(checkpoint_dir, step):
     return os.path.join(checkpoint_dir, f"mc_{step:06d}.pt")
 

@@ -303,6 +303,7 @@ def train(args, variant=None):
         weight_decay=weight_decay_scaled,
     )
     hooks.add_param_groups(optimizer, extra_groups)  # hook: variant parameters join the LR schedule
+    hooks.drop_frozen_params(optimizer)  # hook: a variant may freeze the base model
     if resuming:
         optimizer.load_state_dict(optimizer_data)
         del optimizer_data

@@ -126,3 +126,15 @@ def test_hook_surface_is_marked_and_nanochat_never_names_megacontext():
     print("\nhook surface (%d lines):\n  %s" % (len(marked), "\n  ".join(marked)))
     assert not leaks, f"nanochat/ names megacontext outside hook lines: {leaks}"
     assert 0 < len(marked) <= 30, f"hook surface should stay small, has {len(marked)} lines"
+
+
+def test_frozen_params_leave_the_optimizer_and_nothing_changes_when_none_are():
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    opt = torch.optim.SGD([dict(params=[a, b], lr=0.1), dict(params=[c], lr=0.2)])
+    groups_before = list(opt.param_groups)
+    hooks.drop_frozen_params(opt)
+    assert opt.param_groups == groups_before and opt.param_groups[0]["params"] == [a, b]
+    b.requires_grad_(False)
+    c.requires_grad_(False)
+    hooks.drop_frozen_params(opt)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [a]
