@@ -1,0 +1,312 @@
+"""
+Horizon losses of the base model reading gisted contexts: the ΔNLL@H metric and GistNet's
+training losses.
+
+ΔNLL@H (DESIGN.md section 6), at a block-aligned position t of a held-out document:
+    context  = the C tokens before t (default 512), horizon = the next H tokens (default 32)
+    NLL_full   horizon NLL with the whole context as tokens
+    NLL_L      every context block except the last replaced by its LOD-L gist
+               (LOD2: a LOD2 gist for each whole 1024-token span, LOD1 for the other blocks)
+    NLL_drop   those blocks removed: the model sees only the last block
+    ΔNLL_L = NLL_L - NLL_full,  fraction recovered = 1 - ΔNLL_L / ΔNLL_drop
+All in nats per horizon token. LOD2 spans are the tree's: aligned to multiples of 1024 tokens
+from the start of the document, so a span counts only if it lies whole inside the replaced
+blocks [t - C, t - 32). With the default C = 512 there is none and NLL_lod2 equals NLL_lod1.
+No BOS is added: every variant starts at its first entry, as a working context does.
+
+Training losses for GistNet (the base model frozen, gradients reaching GistNet through it):
+    pooling_mse_loss   gist vs the mean of its inputs, compared after norm (a warm-up target)
+    delta_nll_loss     ΔNLL of a batch of windows with LOD-L gisted contexts, differentiable
+
+How a context is handed over: a row is a list of entries, each either token ids (1-D integer
+tensor or list of ints, one position per token) or gists (a float tensor (k, D) or (D,), one
+position per gist), concatenated in order; horizon_nll() appends the horizon, packs the rows
+into one right-padded batch (causal attention and the smear only look back, so padding at
+the end changes nothing before it) and runs the model under base_inputs.gist_inputs.
+
+This module owns these definitions. It never trains (no optimizer here), never reads
+files, and never picks which documents or positions are held out.
+"""
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import COMPUTE_DTYPE
+from nanochat.gpt import norm
+from megacontext.base_inputs import gist_inputs
+from megacontext.gistnet import token_embeddings
+
+BLOCK_SIZE = 32       # tokens per LOD0 block (and LOD1 gists per LOD2 gist)
+DEFAULT_CONTEXT = 512
+DEFAULT_HORIZON = 32
+
+# -----------------------------------------------------------------------------
+# The base model reading rows of entries
+
+
+def _as_token_tensor(tokens, device, what="tokens"):
+    t = torch.as_tensor(tokens, device=device)
+    if t.ndim != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{what} must be a 1-D sequence of token ids, got {t.dtype} of shape {tuple(t.shape)}")
+    return t.long()
+
+
+def pack_rows(rows, horizons, n_embd, device):
+    """Rows of entries + horizons (B, H) -> (idx, targets, gist_mask, gist_vectors), each (B, T...).
+
+    Row b occupies positions 0..P_b-1 with its entries, then its horizon minus the last token;
+    targets are -1 everywhere except the H positions that predict the horizon. Rows are
+    right-padded to a common length with token 0 and target -1."""
+    horizons = torch.as_tensor(horizons, device=device).long()
+    if horizons.ndim != 2 or horizons.size(0) != len(rows) or horizons.size(1) < 1:
+        raise ValueError(f"horizons must be (B, H) with B = {len(rows)} rows and H >= 1, got {tuple(horizons.shape)}")
+    H = horizons.size(1)
+    # first pass: per row, the token ids of every position (0 under gists, any valid id would do)
+    # and, per entry, either its gist tensor or the number of token positions it takes
+    parsed, gist_dtype = [], None
+    for b, row in enumerate(rows):
+        ids, pieces = [], []
+        for entry in row:
+            if isinstance(entry, torch.Tensor) and entry.is_floating_point():
+                gists = entry.unsqueeze(0) if entry.ndim == 1 else entry
+                if gists.ndim != 2 or gists.size(1) != n_embd:
+                    raise ValueError(f"a gist entry must be ({n_embd},) or (k, {n_embd}), got {tuple(entry.shape)}")
+                gist_dtype = gist_dtype or gists.dtype
+                ids.append(torch.zeros(len(gists), dtype=torch.long, device=device))
+                pieces.append(gists.to(device))
+            else:
+                toks = _as_token_tensor(entry, device, what=f"a token entry of row {b}")
+                ids.append(toks)
+                pieces.append(len(toks))
+        n_context = sum(len(x) for x in ids)
+        if n_context < 1:
+            raise ValueError(f"row {b} has no context entries; the first horizon token needs a position "
+                             f"to be predicted from")
+        parsed.append((ids, pieces, n_context))
+
+    T = max(n_context for *_, n_context in parsed) + H - 1
+    if T < 2:
+        raise ValueError("context + horizon must span at least 2 positions (GPT.forward needs T > 1)")
+    gist_dtype = gist_dtype or COMPUTE_DTYPE
+    B = len(rows)
+    idx = torch.zeros(B, T, dtype=torch.long, device=device)
+    targets = torch.full((B, T), -1, dtype=torch.long, device=device)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    vector_rows = []
+    for b, (ids, pieces, P) in enumerate(parsed):
+        seq = torch.cat(ids + [horizons[b, :-1]])
+        idx[b, :len(seq)] = seq
+        targets[b, P - 1:P - 1 + H] = horizons[b]
+        # the vectors are built with cat, not in-place writes, so gradients reach the gist tensors
+        parts, is_gist = [], []
+        for piece in pieces:
+            if isinstance(piece, torch.Tensor):
+                parts.append(piece.to(gist_dtype))
+                is_gist.append(torch.ones(len(piece), dtype=torch.bool, device=device))
+            else:
+                parts.append(torch.zeros(piece, n_embd, dtype=gist_dtype, device=device))
+                is_gist.append(torch.zeros(piece, dtype=torch.bool, device=device))
+        parts.append(torch.zeros(T - P, n_embd, dtype=gist_dtype, device=device))
+        mask[b, :P] = torch.cat(is_gist)
+        vector_rows.append(torch.cat(parts))
+    return idx, targets, mask, torch.stack(vector_rows)
+
+
+def horizon_nll(model, rows, horizons):
+    """Mean NLL (nats/token) of each row's horizon given its context entries -> (B,) float32.
+
+    rows: B lists of entries (see the module docstring); horizons: (B, H) token ids.
+    Differentiable with respect to the gist entries."""
+    if len(rows) == 0:
+        raise ValueError("horizon_nll needs at least one row")
+    base = getattr(model, "_orig_mod", model)
+    device = base.get_device()
+    idx, targets, mask, vectors = pack_rows(rows, horizons, base.config.n_embd, device)
+    with gist_inputs(model, mask, vectors):
+        losses = model(idx, targets, loss_reduction="none")
+    n_targets = (targets >= 0).sum(1)  # = H in every row
+    return losses.view(idx.shape).sum(1) / n_targets
+
+
+# -----------------------------------------------------------------------------
+# Gisted contexts
+
+
+def lod2_span_starts(first_token, n_blocks):
+    """Block offsets (relative to the first block) where a whole LOD2 span starts among
+    `n_blocks` consecutive blocks beginning at token `first_token`; spans are aligned to
+    multiples of 32 blocks (1024 tokens) from token 0."""
+    first_block = first_token // BLOCK_SIZE
+    span = BLOCK_SIZE  # LOD1 gists per LOD2 gist
+    start = -(-first_block // span) * span
+    starts = []
+    while start + span <= first_block + n_blocks:
+        starts.append(start - first_block)
+        start += span
+    return starts
+
+
+def gisted_contexts(model, gistnet, contexts, first_token=0, lods=(1, 2)):
+    """Gists for every block except the last of each context -> {lod: (B, k_lod, D)}.
+
+    contexts (B, C) token ids, C a multiple of 32; first_token: position of contexts[:, 0]
+    in its document (a multiple of 32), which fixes where the 1024-token LOD2 spans fall.
+    LOD1 gives one gist per block; LOD2 one per whole span and LOD1 gists around them."""
+    B, C = contexts.shape
+    n_old = C // BLOCK_SIZE - 1
+    D = gistnet.config.n_embd
+    blocks = contexts[:, :n_old * BLOCK_SIZE].reshape(B * n_old, BLOCK_SIZE)
+    lod1 = gistnet(token_embeddings(model, blocks), 1).view(B, n_old, D)
+    out = {}
+    if 1 in lods:
+        out[1] = lod1
+    if 2 in lods:
+        starts = lod2_span_starts(first_token, n_old)
+        if not starts:
+            out[2] = lod1
+        else:
+            span_inputs = torch.stack([lod1[:, s:s + BLOCK_SIZE] for s in starts], dim=1)  # (B, S, 32, D)
+            lod2 = gistnet(span_inputs.reshape(B * len(starts), BLOCK_SIZE, D), 2).view(B, len(starts), D)
+            pieces, cursor = [], 0
+            for j, s in enumerate(starts):
+                pieces += [lod1[:, cursor:s], lod2[:, j:j + 1]]
+                cursor = s + BLOCK_SIZE
+            pieces.append(lod1[:, cursor:])
+            out[2] = torch.cat(pieces, dim=1)
+    return out
+
+
+def _check_context(context_tokens, horizon):
+    if context_tokens < 2 * BLOCK_SIZE or context_tokens % BLOCK_SIZE != 0:
+        raise ValueError(f"context_tokens must be a multiple of {BLOCK_SIZE} and at least {2 * BLOCK_SIZE} "
+                         f"(one block to gist plus the last block kept as tokens), got {context_tokens}")
+    if horizon < 1:
+        raise ValueError(f"horizon must be at least 1 token, got {horizon}")
+
+
+@contextmanager
+def frozen(model):
+    """Turn off requires_grad on the model's parameters for the duration (restored after).
+    Autograd records at forward time, so a forward inside the block gives the base model no
+    gradients while gradients still flow *through* it to the gists."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+# -----------------------------------------------------------------------------
+# ΔNLL@H
+
+
+def _summarize(nll_full, nll_lod1, nll_lod2, nll_drop):
+    delta_drop = nll_drop - nll_full
+    out = dict(nll_full=nll_full, nll_lod1=nll_lod1, nll_lod2=nll_lod2, nll_drop=nll_drop,
+               delta_lod1=nll_lod1 - nll_full, delta_lod2=nll_lod2 - nll_full, delta_drop=delta_drop)
+    for lod in (1, 2):
+        # undefined when dropping the old blocks costs nothing
+        out[f"recovered_lod{lod}"] = 1.0 - out[f"delta_lod{lod}"] / delta_drop if delta_drop != 0 else float("nan")
+    return out
+
+
+@torch.no_grad()
+def delta_nll(model, gistnet, tokens, t, context_tokens=DEFAULT_CONTEXT, horizon=DEFAULT_HORIZON):
+    """ΔNLL@H at position t of one document (a 1-D sequence of token ids) -> dict of floats:
+    nll_full, nll_lod1, nll_lod2, nll_drop, delta_lod1, delta_lod2, delta_drop,
+    recovered_lod1, recovered_lod2 (nats/token)."""
+    _check_context(context_tokens, horizon)
+    base = getattr(model, "_orig_mod", model)
+    tokens = _as_token_tensor(tokens, base.get_device(), what="the document")
+    if t % BLOCK_SIZE != 0:
+        raise ValueError(f"position t={t} is not block-aligned; use a multiple of {BLOCK_SIZE}")
+    if t < context_tokens or t + horizon > len(tokens):
+        raise ValueError(f"position t={t} needs {context_tokens} context tokens before it and {horizon} horizon "
+                         f"tokens after it, but the document has {len(tokens)} tokens; "
+                         f"valid t: {context_tokens}..{len(tokens) - horizon} in steps of {BLOCK_SIZE}")
+    context = tokens[t - context_tokens:t]
+    gists = gisted_contexts(model, gistnet, context[None], first_token=t - context_tokens)
+    last = context[-BLOCK_SIZE:]
+    rows = [[context], [gists[1][0], last], [gists[2][0], last], [last]]
+    nll = horizon_nll(model, rows, tokens[t:t + horizon].expand(len(rows), horizon)).tolist()
+    return _summarize(*nll)
+
+
+def default_positions(documents, context_tokens=DEFAULT_CONTEXT, horizon=DEFAULT_HORIZON, stride=None):
+    """(document index, t) pairs: t = C, C + stride, ... while the horizon fits (stride defaults to C)."""
+    stride = context_tokens if stride is None else stride
+    if stride <= 0 or stride % BLOCK_SIZE != 0:
+        raise ValueError(f"stride must be a positive multiple of {BLOCK_SIZE}, got {stride}")
+    return [(d, t) for d, doc in enumerate(documents) for t in range(context_tokens, len(doc) - horizon + 1, stride)]
+
+
+def evaluate_delta_nll(model, gistnet, documents, positions=None, context_tokens=DEFAULT_CONTEXT,
+                       horizon=DEFAULT_HORIZON, stride=None, max_positions=None):
+    """ΔNLL@H averaged over many positions -> the delta_nll dict plus n_positions.
+
+    documents: token sequences; positions: (document index, t) pairs, by default every
+    `stride` tokens of every document (see default_positions). The NLLs are averaged first
+    and the deltas and recovered fractions computed from the averages (a ratio of means:
+    a position where dropping costs nothing cannot blow it up)."""
+    _check_context(context_tokens, horizon)
+    if positions is None:
+        positions = default_positions(documents, context_tokens, horizon, stride)
+    positions = list(positions)[:max_positions]
+    if not positions:
+        raise ValueError(f"no position to evaluate: every document needs at least {context_tokens + horizon} "
+                         f"tokens (context_tokens + horizon); pass longer documents or a smaller context")
+    keys = ("nll_full", "nll_lod1", "nll_lod2", "nll_drop")
+    sums = dict.fromkeys(keys, 0.0)
+    for d, t in positions:
+        result = delta_nll(model, gistnet, documents[d], t, context_tokens, horizon)
+        for k in keys:
+            sums[k] += result[k]
+    out = _summarize(*(sums[k] / len(positions) for k in keys))
+    out["n_positions"] = len(positions)
+    return out
+
+# -----------------------------------------------------------------------------
+# Training losses for GistNet
+
+
+def pooling_mse_loss(gists, inputs):
+    """Warm-up target: MSE between each gist (N, D) and the mean of its inputs (N, 32, D).
+
+    Both sides are normed first: the base model norms whatever sits in an embedding slot, so
+    the mean's direction is all a gist can be asked to match (zero for the "mean" head)."""
+    if gists.ndim != 2 or inputs.ndim != 3 or gists.shape[0] != inputs.shape[0] or gists.shape[1] != inputs.shape[2]:
+        raise ValueError(f"pooling_mse_loss expects gists (N, D) and inputs (N, block, D), "
+                         f"got {tuple(gists.shape)} and {tuple(inputs.shape)}")
+    return F.mse_loss(norm(gists.float()), norm(inputs.float().mean(dim=1)))
+
+
+def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, level=1, first_token=0):
+    """Mean ΔNLL of a batch of windows with LOD-`level` gists, differentiable w.r.t. GistNet.
+
+    windows (B, C + H): context then horizon, block-aligned (first_token = position of
+    window[:, 0] in its document, for LOD2 span alignment). Per window the base model reads
+    [gists of all context blocks but the last | last block | horizon]; NLL_full (all tokens)
+    is subtracted under no_grad, so the value is ΔNLL while the gradient is that of NLL_L.
+    The base model is kept frozen: it receives no gradients (see frozen())."""
+    if level not in (1, 2):
+        raise ValueError(f"level must be 1 or 2, got {level!r}")
+    base = getattr(model, "_orig_mod", model)
+    windows = torch.as_tensor(windows, device=base.get_device())
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be (B, context_tokens + horizon) token ids, got shape {tuple(windows.shape)}")
+    horizon = windows.size(1) - context_tokens
+    _check_context(context_tokens, horizon)
+    if first_token % BLOCK_SIZE != 0:
+        raise ValueError(f"first_token={first_token} is not block-aligned; use a multiple of {BLOCK_SIZE}")
+    contexts, horizons = windows[:, :context_tokens].long(), windows[:, context_tokens:].long()
+    last = contexts[:, -BLOCK_SIZE:]
+    with frozen(model):
+        gists = gisted_contexts(model, gistnet, contexts, first_token, lods=(level,))[level]
+        nll_gisted = horizon_nll(model, [[gists[b], last[b]] for b in range(len(windows))], horizons)
+        with torch.no_grad():
+            nll_full = horizon_nll(model, [[contexts[b]] for b in range(len(windows))], horizons)
+    return (nll_gisted - nll_full).mean()
