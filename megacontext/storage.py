@@ -476,7 +476,9 @@ class CtxWriter(CtxReader):
     durable=False skips the fsyncs: still safe against a killed process (the page cache
     keeps the write order), no longer against power loss."""
 
-    def __init__(self, path, fd, header, verify, durable, adopt_gistnet_id=0):
+    def __init__(self, path, fd, header, verify, durable, lock_fd, adopt_gistnet_id=0):
+        # the writer owns lock_fd too: the single-writer flock lives on it, not on fd (see _lock_writer)
+        self._lock_fd = lock_fd
         self._durable = durable
         super().__init__(path, fd, header, verify)
         try:
@@ -593,7 +595,11 @@ class CtxWriter(CtxReader):
             if self._fd is not None:
                 _fdatasync(self._fd)  # one flush at the end even when durable=False
         finally:
-            super().close()  # closing the descriptor releases the lock
+            try:
+                super().close()
+            finally:
+                _unlock_writer(self._lock_fd)  # last, so the next writer finds a finished file
+                self._lock_fd = None
 
 
 # -----------------------------------------------------------------------------
@@ -645,24 +651,55 @@ def open_ctx(path, *, expect_model_name=None, expect_gistnet=None, expect_level=
     return CtxReader(path, fd, header, verify)
 
 
+def _lock_writer(path, fd):
+    """Take the single-writer lock for the file behind fd; returns the descriptor holding it.
+
+    The flock sits on a second descriptor opened only for locking, never on fd itself:
+    mmap duplicates fd, and a flock belongs to the open file, so it would otherwise stay
+    held for as long as any numpy view of the writer's map is alive after close(). flock
+    locks of two opens conflict even within one process, so a second writer is refused
+    wherever it comes from."""
+    lock_fd = os.open(path, os.O_RDWR)  # writable: flock over NFS needs it for LOCK_EX
+    try:
+        same = os.fstat(fd), os.fstat(lock_fd)
+        if same[0].st_dev != same[1].st_dev or same[0].st_ino != same[1].st_ino:
+            raise RuntimeError(f"{path} was replaced while it was being opened for appending; open it again")
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{path} is already open for appending by another writer; "
+                               f"close it first (a .ctx file has one writer at a time)") from None
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return lock_fd
+
+
+def _unlock_writer(lock_fd):
+    if lock_fd is None:
+        return
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)  # explicit: a forked child may share this open file
+    finally:
+        os.close(lock_fd)
+
+
 def _open_writer(path, check, verify, durable, adopt_gistnet_id=0):
     """Lock the file, read its header, let check(header) refuse it, and only then hand it to
     a writer (which may drop a torn tail or adopt a seed-spec file)."""
     fd = _open_fd(path, writable=True)
+    lock_fd = None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"{path} is already open for appending by another writer; "
-                               f"close it first (a .ctx file has one writer at a time)") from None
+        lock_fd = _lock_writer(path, fd)
         header = _read_header(fd, str(path))
         problem = check(header)
         if problem:
             raise ValueError(problem)
     except BaseException:
-        os.close(fd)  # also releases the lock
+        os.close(fd)
+        _unlock_writer(lock_fd)
         raise
-    return CtxWriter(path, fd, header, verify, durable, adopt_gistnet_id)
+    return CtxWriter(path, fd, header, verify, durable, lock_fd, adopt_gistnet_id)
 
 
 def open_ctx_for_append(path, *, expect_model_name=None, expect_gistnet=None, expect_level=None,

@@ -540,6 +540,66 @@ def test_one_writer_at_a_time(tmp_path):
     open_ctx_for_append(path).close()  # the lock goes with the writer
 
 
+TRY_APPEND = textwrap.dedent("""
+    import sys
+    from megacontext.storage import open_ctx_for_append
+    try:
+        open_ctx_for_append(sys.argv[1]).close()
+        print("opened")
+    except RuntimeError as e:
+        print("refused:", e)
+""")
+
+
+def try_append_in_subprocess(path):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    out = subprocess.run([sys.executable, "-c", TRY_APPEND, str(path)], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def open_fd_count():
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+
+def test_live_views_do_not_keep_the_writer_lock(tmp_path):
+    # mmap duplicates the descriptor it maps, so a flock taken on that descriptor would outlive
+    # close() for as long as any view of the map is alive; the lock must go with close() anyway
+    path = tmp_path / "LOD0.ctx"
+    data = tokens(6)
+    w = create_ctx(path, level=0, model_name="d20")
+    w.append(data[:3])
+    writer_views = [w[0:3], w[1], w.read_raw(slice(None))]
+    reader = open_ctx(path)  # kept open and unreferenced-until-the-end: its map stays alive too
+    reader_view = reader[0:3]
+    fds_with_writer = open_fd_count()
+    w.close()
+    if fds_with_writer is not None:  # the lock descriptor is closed, not leaked
+        assert open_fd_count() <= fds_with_writer - 2
+
+    w2 = open_ctx_for_append(path)  # the same process reopens at once
+    try:
+        w2.append(data[3:])
+        # while a writer is open, every other writer is refused: same process (both openers) ...
+        with pytest.raises(RuntimeError, match="already open for appending by another writer"):
+            open_ctx_for_append(path)
+        with pytest.raises(RuntimeError, match="already open for appending by another writer"):
+            create_ctx(path, level=0, model_name="d20", exist_ok=True)
+        # ... and another process
+        assert try_append_in_subprocess(path).startswith("refused:")
+        assert np.array_equal(w2[:], data)
+    finally:
+        w2.close()
+    assert try_append_in_subprocess(path) == "opened"
+
+    # the old views still show the entries committed when they were taken
+    assert np.array_equal(writer_views[0], data[:3]) and np.array_equal(writer_views[1], data[1])
+    assert np.array_equal(writer_views[2], data[:3]) and np.array_equal(reader_view, data[:3])
+    assert reader.refresh() == 6 and np.array_equal(reader[:], data)
+    reader.close()
+
+
 # -----------------------------------------------------------------------------
 # identity: gists from another model or GistNet are refused
 
