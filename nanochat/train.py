@@ -1,6 +1,6 @@
 """
 Base-model pre-training as a library: the loop of upstream's scripts/base_train.py, callable
-as `train(args)`, with the variant hooks of nanochat/hooks.py at marked lines (`# hook:`).
+as `train(args)`, with the variant hooks of nanochat/hooks.py at the lines marked as hooks (grep for them, see UPSTREAM.md).
 
 Two ways in, same loop:
     python -m scripts.base_train --depth=12 ...                  (upstream's dashed flags)

@@ -30,14 +30,14 @@ def train_base_dir(upstream_fixtures, tmp_path):
     return base
 
 
-def run_driver(base, out_prefix, flags, nproc=1, emulate=0):
+def run_driver(base, out_prefix, flags, nproc=1, emulate=0, extra=()):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_COMPILE="0", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO))
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(DRIVER), str(out_prefix), "--", *flags]
     else:
-        cmd = [sys.executable, str(DRIVER), str(out_prefix)] + ([f"--emulate-ranks={emulate}"] if emulate else []) + ["--", *flags]
+        cmd = [sys.executable, str(DRIVER), str(out_prefix)] + ([f"--emulate-ranks={emulate}"] if emulate else []) + list(extra) + ["--", *flags]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout

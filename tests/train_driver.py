@@ -1,17 +1,20 @@
 """
 Run nanochat.train.train() with base_train flags and write a JSON summary; used by test_train.py.
 
-    python tests/train_driver.py OUT_PREFIX [--emulate-ranks=N] -- <base_train flags>
+    python tests/train_driver.py OUT_PREFIX [--emulate-ranks=N] [--import=MODULE] -- <base_train flags>
     torchrun --nproc_per_node=2 tests/train_driver.py OUT_PREFIX -- <base_train flags>
 
 Writes OUT_PREFIX.rank<R>.json with the per-step losses. With --emulate-ranks=N a single
 process feeds micro-step k of every step from the data stream rank k would read in an
-N-process run, so its batches are exactly those of the N ranks together.
+N-process run, so its batches are exactly those of the N ranks together. --import=MODULE
+imports a module first (e.g. megacontext.variant, to show that merely importing it changes
+nothing in a vanilla run).
 """
 import sys
 import json
 import itertools
 import contextlib
+import importlib
 
 import nanochat.train as train_lib
 import nanochat.dataloader as dataloader_lib
@@ -49,6 +52,8 @@ def main():
     emulate = 0
     if argv and argv[0].startswith("--emulate-ranks="):
         emulate = int(argv.pop(0).split("=")[1])
+    if argv and argv[0].startswith("--import="):
+        importlib.import_module(argv.pop(0).split("=", 1)[1])
     if argv and argv[0] == "--":
         argv.pop(0)
     if emulate:
@@ -57,8 +62,10 @@ def main():
     result = train_lib.train(args)
     from nanochat.common import get_dist_info
     rank = get_dist_info()[1]
+    summary = {k: result[k] for k in ("train_losses", "val_bpb", "step", "checkpoint_dir")}
+    summary["modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "megacontext")
     with open(f"{out_prefix}.rank{rank}.json", "w") as f:
-        json.dump({k: result[k] for k in ("train_losses", "val_bpb", "step", "checkpoint_dir")}, f)
+        json.dump(summary, f)
     train_lib.compute_cleanup()
 
 

@@ -1,0 +1,187 @@
+"""
+The `megacontext` variant: MegaContext's entry into nanochat's training loop.
+
+nanochat finds this class by name (entry point `nanochat.variants` in pyproject.toml) when a
+run config says `variant: megacontext`, and calls the members listed in nanochat/hooks.py.
+Today the variant runs JT1: GistNet training on top of a frozen, pretrained base model.
+
+    python -m nanochat.train --config configs/gistnet_cpu_tiny.yaml
+
+JT1, step by step (each micro-batch is a (B, T) row of the usual pretraining loader):
+  1. window = the first context_tokens + horizon tokens of each row
+  2. phase `pooling_mse` (the first pooling_mse_steps steps): each context block's gist is
+     pulled towards the mean of its 32 token embeddings (a warm-up target; the attention head
+     is initialised to exactly that, so there this phase starts at zero loss)
+  3. phase `delta_nll` (the rest): the base model reads [LOD1 gists of all context blocks but
+     the last | the last block as tokens | the horizon]; the loss is the horizon NLL minus the
+     NLL with the whole context as tokens, i.e. ΔNLL@H (DESIGN.md section 6), with gradients
+     reaching GistNet through the frozen base model.
+
+The `megacontext:` section of the run config:
+  base_model_tag / base_step   the base checkpoint to start from (base_checkpoints/<tag>; required)
+  gistnet                      GistNetConfig fields except n_embd (taken from the base model)
+  seed                         GistNet init seed (default 0)
+  lr, weight_decay             AdamW for GistNet (scaled by nanochat's LR schedule like every group)
+  pooling_mse_steps            length of the warm-up phase (default 20)
+  context_tokens, horizon      the JT1 window (context a multiple of 32; their sum <= max_seq_len)
+  eval_every, eval_batches     held-out ΔNLL@H every N steps on this many val batches (0 = off)
+  run_name                     telemetry file name (default: the run's model tag)
+
+What it owns: GistNet's weights, their optimizer group and checkpoint (mc_XXXXXX.pt beside
+upstream's files), the JT1 losses and telemetry. It never changes the base model's weights or
+nanochat's defaults; a vanilla run never touches this file.
+"""
+
+import os
+from dataclasses import asdict
+
+import torch
+
+from nanochat.common import get_base_dir, print0, get_dist_info
+from megacontext import base_inputs
+from megacontext.gistnet import GistNet, GistNetConfig, token_embeddings
+from megacontext.losses import pooling_mse_loss, delta_nll_loss, evaluate_delta_nll, BLOCK_SIZE
+from megacontext.telemetry import Telemetry
+
+DEFAULTS = dict(
+    base_model_tag=None, base_step=None, gistnet={}, seed=0, lr=3e-3, weight_decay=0.0,
+    pooling_mse_steps=20, context_tokens=224, horizon=32, eval_every=0, eval_batches=2, run_name=None,
+)
+
+
+class MegaContextVariant:
+    name = "megacontext"
+
+    def __init__(self, config):
+        unknown = set(config) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown megacontext config key(s): {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(DEFAULTS))}")
+        self.config = {**DEFAULTS, **config}
+        if self.config["context_tokens"] % BLOCK_SIZE != 0 or self.config["context_tokens"] < 2 * BLOCK_SIZE:
+            raise ValueError(f"megacontext.context_tokens must be a multiple of {BLOCK_SIZE} and at least "
+                             f"{2 * BLOCK_SIZE}, got {self.config['context_tokens']}")
+        self.step = 0
+        self.model = None
+        self.gistnet = None
+        self.telemetry = None
+        self.val_windows = None
+
+    # -------------------------------------------------------------------------
+    # hooks called by nanochat/train.py
+
+    def build(self, model, run_args):
+        """Load the base weights, freeze them, attach gist inputs, create GistNet; return its group."""
+        cfg = self.config
+        window = cfg["context_tokens"] + cfg["horizon"]
+        if window > model.config.sequence_len:
+            raise ValueError(f"megacontext window context_tokens + horizon = {window} exceeds max_seq_len "
+                             f"{model.config.sequence_len}; lower megacontext.context_tokens or raise max_seq_len")
+        self._load_base_weights(model, run_args)
+        model.requires_grad_(False)  # JT1: the base model is frozen (hooks.drop_frozen_params takes it out)
+        base_inputs.attach(model)  # before torch.compile, as base_inputs requires
+        self.model = model
+        gist_config = GistNetConfig(n_embd=model.config.n_embd, **cfg["gistnet"])
+        self.gistnet = GistNet(gist_config).to(model.get_device()).init_weights(seed=cfg["seed"])
+        print0(f"GistNet: {self.gistnet.architecture()} ({self.gistnet.num_params():,} params)")
+        # LOD2 gists need whole 1024-token spans inside the replaced context; shorter windows
+        # train LOD1 only, and separate LOD2 weights then stay at their init (frozen, so the
+        # optimizer, which wants a gradient for every parameter, never sees them).
+        self.levels = (1, 2) if cfg["context_tokens"] >= 1024 + BLOCK_SIZE else (1,)
+        if 2 not in self.levels and len(self.gistnet.levels) == 2:
+            self.gistnet.levels[1].requires_grad_(False)
+            print0("GistNet: LOD2 weights not trained (context_tokens < 1056 leaves no whole 1024-token span)")
+        trainable = [p for p in self.gistnet.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"GistNet head '{gist_config.head}' has no parameters to train; "
+                             f"use head: attention or mean_linear")
+        rank = get_dist_info()[1]
+        run_name = cfg["run_name"] or (run_args.get("model_tag") or f"d{run_args.get('depth')}")
+        self.telemetry = Telemetry(run_name, config={"megacontext": cfg, "train": run_args}, enabled=rank == 0)
+        return [dict(kind="adamw", params=trainable, lr=cfg["lr"],
+                     betas=(0.9, 0.95), eps=1e-10, weight_decay=cfg["weight_decay"])]
+
+    def loss(self, model, x, y):
+        """JT1 loss of one micro-batch (model is ignored: we use the uncompiled base, shapes vary)."""
+        cfg = self.config
+        windows = x[:, :cfg["context_tokens"] + cfg["horizon"]]
+        if self.step < cfg["pooling_mse_steps"]:
+            blocks = windows[:, :cfg["context_tokens"]].reshape(-1, BLOCK_SIZE)
+            with torch.no_grad():
+                inputs = token_embeddings(self.model, blocks)
+            lod1 = self.gistnet(inputs, 1)
+            loss = pooling_mse_loss(lod1, inputs)
+            if 2 in self.levels:  # LOD2 inputs: each row's LOD1 gists, 32 at a time
+                spans = lod1.detach().view(windows.size(0), -1, lod1.size(-1))
+                spans = spans[:, :spans.size(1) // BLOCK_SIZE * BLOCK_SIZE].reshape(-1, BLOCK_SIZE, lod1.size(-1))
+                loss = loss + pooling_mse_loss(self.gistnet(spans, 2), spans)
+            return loss, {"phase": "pooling_mse"}
+        loss = sum(delta_nll_loss(self.model, self.gistnet, windows, context_tokens=cfg["context_tokens"], level=level)
+                   for level in self.levels)
+        return loss, {"phase": "delta_nll"}
+
+    def on_step(self, step, metrics):
+        cfg = self.config
+        phase = "pooling_mse" if self.step < cfg["pooling_mse_steps"] else "delta_nll"
+        record = {"phase": phase, **metrics}
+        if cfg["eval_every"] > 0 and (step + 1) % cfg["eval_every"] == 0:
+            record.update({f"val_{k}": v for k, v in self.evaluate().items()})
+            print0(f"step {step:05d} | JT1 val ΔNLL@H lod1: {record['val_delta_lod1']:.4f} "
+                   f"(drop {record['val_delta_drop']:.4f}, recovered {record['val_recovered_lod1']:.3f})")
+        self.telemetry.log(record, step=step)
+        self.step = step + 1
+
+    def state_dict(self):
+        return {
+            "gistnet": {"config": asdict(self.gistnet.config), "state_dict": self.gistnet.state_dict()},
+            "identity": self.gistnet.identity(),
+            "step": self.step,
+            "megacontext_config": self.config,
+        }
+
+    def load_state_dict(self, state):
+        self.gistnet.load_state_dict(state["gistnet"]["state_dict"])
+        self.step = state["step"]
+
+    # -------------------------------------------------------------------------
+
+    def evaluate(self):
+        """ΔNLL@H on held-out windows (the val split), with the current GistNet."""
+        cfg = self.config
+        if self.val_windows is None:
+            from nanochat.tokenizer import get_tokenizer
+            from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+            window = cfg["context_tokens"] + cfg["horizon"]
+            loader = tokenizing_distributed_data_loader_bos_bestfit(
+                get_tokenizer(), 4, window, split="val", device=self.model.get_device())
+            self.val_windows = [next(loader)[0].clone() for _ in range(cfg["eval_batches"])]
+        documents = [row for batch in self.val_windows for row in batch]
+        self.gistnet.eval()
+        with torch.no_grad():
+            result = evaluate_delta_nll(self.model, self.gistnet, documents, context_tokens=cfg["context_tokens"],
+                                        horizon=cfg["horizon"], stride=cfg["context_tokens"] + cfg["horizon"])
+        self.gistnet.train()
+        return result
+
+    def _load_base_weights(self, model, run_args):
+        from nanochat.checkpoint_manager import load_checkpoint, find_last_step
+        tag = self.config["base_model_tag"]
+        if not tag:
+            raise ValueError("megacontext.base_model_tag is required: JT1 trains GistNet on a pretrained base model "
+                             "(e.g. base_model_tag: cpu_tiny after `python -m nanochat.train --config configs/cpu_tiny.yaml`)")
+        if tag == run_args.get("model_tag"):
+            raise ValueError(f"model_tag '{tag}' would overwrite the base checkpoint; give the JT1 run its own model_tag")
+        checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", tag)
+        step = self.config["base_step"]
+        if step is None:
+            step = find_last_step(checkpoint_dir)
+        model_data, _, meta = load_checkpoint(checkpoint_dir, step, model.get_device(), load_optimizer=False)
+        base_config = meta["model_config"]
+        mine = asdict(model.config)
+        mismatch = {k: (mine.get(k), v) for k, v in base_config.items() if mine.get(k) != v}
+        if mismatch:
+            raise ValueError(f"the run's model does not match base checkpoint {checkpoint_dir} step {step}: "
+                             + ", ".join(f"{k} run={a} checkpoint={b}" for k, (a, b) in mismatch.items())
+                             + "; set depth/aspect_ratio/head_dim/max_seq_len/window_pattern to the base run's")
+        model.load_state_dict(model_data, strict=True)
+        print0(f"MegaContext: base weights from {checkpoint_dir} step {step} (frozen)")
