@@ -41,11 +41,10 @@ if [ "$NANOCHAT_PRESET" = "gpu" ]; then
     wait $DATASET_DOWNLOAD_PID
     torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 --device-batch-size=16 --fp8 --run="$WANDB_RUN"
     torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_eval -- --device-batch-size=16
-    if [ -f scripts/chat_sft.py ]; then
-        step "SFT and chat eval"
-        torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_sft -- --run="$WANDB_RUN"
-        torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_eval -- -i sft
-    fi
+    step "SFT and chat eval"
+    torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_sft -- --run="$WANDB_RUN"
+    torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_eval -- -i sft
+    python -m scripts.report_card --wall-time-s=$(( $(date +%s) - START_TIME ))
     step "done in $(( $(date +%s) - START_TIME ))s. Chat: python -m scripts.chat_cli -p 'Why is the sky blue?'"
     exit 0
 fi
@@ -63,6 +62,7 @@ python -m scripts.offline_data -n 4
 
 step "tokenizer: train a 4096-token BPE"
 python -m scripts.tok_train --vocab-size=4096 --max-chars=20000000 2>&1 | tee "$LOG_DIR/tok_train.log"
+python -m scripts.tok_eval 2>&1 | tee "$LOG_DIR/tok_eval.log"
 
 step "base model: tiny config (configs/cpu_tiny.yaml)"
 python -m nanochat.train --config configs/cpu_tiny.yaml 2>&1 | tee "$LOG_DIR/base_train.log"
@@ -70,20 +70,20 @@ python -m nanochat.train --config configs/cpu_tiny.yaml 2>&1 | tee "$LOG_DIR/bas
 step "evaluation: bits per byte on train/val, and samples"
 python -m scripts.base_eval --eval=bpb,sample --model-tag=cpu_tiny --device-batch-size=4 --split-tokens=16384 2>&1 | tee "$LOG_DIR/base_eval.log"
 
-step "summary"
-python - "$LOG_DIR" <<'PY'
-import re, sys, pathlib
-logs = pathlib.Path(sys.argv[1])
-train = (logs / "base_train.log").read_text()
-evals = (logs / "base_eval.log").read_text()
-steps = re.findall(r"step (\d+)/(\d+) .*?loss: ([\d.]+).*?tok/sec: ([\d,]+)", train)
-val = re.findall(r"Validation bpb: ([\d.]+)", train)
-print(f"trained {steps[-1][1] if steps else '?'} steps, final train loss {steps[-1][2] if steps else '?'}, "
-      f"last tok/sec {steps[-1][3] if steps else '?'}")
-if val:
-    print(f"val bpb: first {val[0]}, last {val[-1]}")
-for line in evals.splitlines():
-    if "bpb" in line.lower():
-        print(line.strip())
-PY
+# SFT and chat eval read the task rows shipped in tasks/fixtures (no hub download)
+export NANOCHAT_TASK_FIXTURES="$PWD/tasks/fixtures"
+step "SFT on the offline task conversations"
+NANOCHAT_COMPILE=0 python -m scripts.chat_sft --model-tag=cpu_tiny --device-type=cpu \
+    --device-batch-size=4 --total-batch-size=1024 --mmlu-epochs=20 --gsm8k-epochs=20 \
+    --eval-every=-1 --eval-tokens=8192 --chatcore-every=-1 2>&1 | tee "$LOG_DIR/chat_sft.log"
+
+step "chat eval (ChatCORE on the fixture tasks)"
+python -m scripts.chat_eval -i sft -g cpu_tiny --device-type=cpu -m 64 2>&1 | tee "$LOG_DIR/chat_eval.log"
+
+step "a chat sample"
+python -m nanochat.chat --config configs/chat_cpu.yaml --source=sft --prompt "What is the capital of France?" 2>/dev/null | tee "$LOG_DIR/chat_sample.log"
+
+step "report card"
+python -m scripts.report_card --model-tag=cpu_tiny --wall-time-s=$(( $(date +%s) - START_TIME ))
 step "done in $(( $(date +%s) - START_TIME ))s. Artifacts: $NANOCHAT_BASE_DIR"
+echo "Chat: python -m nanochat.chat --config configs/chat_cpu.yaml   (or in the browser: python -m scripts.chat_web -i sft -g cpu_tiny --device-type=cpu)"

@@ -22,7 +22,5 @@ python -m scripts.base_train \
     --sample-every=100 --num-iterations=5000 --run="$WANDB_RUN"
 python -m scripts.base_eval --device-batch-size=1 --split-tokens=16384 --max-per-task=16
 
-if [ -f scripts/chat_sft.py ]; then
-    python -m scripts.chat_sft --eval-every=200 --eval-tokens=524288 --num-iterations=1500 --run="$WANDB_RUN"
-fi
+python -m scripts.chat_sft --eval-every=200 --eval-tokens=524288 --num-iterations=1500 --run="$WANDB_RUN"
 echo 'Chat with it: python -m scripts.chat_cli -p "What is the capital of France?"'
