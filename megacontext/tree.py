@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from megacontext.storage import (LEVEL_FILENAMES, CtxFormatError, check_tree, create_ctx, create_tree_dir,
-                                 gistnet_id, open_ctx_for_append, open_tree_dir)
+                                 gistnet_id, open_ctx_for_append, open_tree_dir, _fsync_dir)
 
 META_FILENAME = "tree.json"
 JOURNAL_FILENAME = "refresh.json"
@@ -167,14 +167,6 @@ def _write_json_atomically(path, obj, durable):
     os.replace(tmp, path)
     if durable:
         _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _subtract_range(ranges, a, b):
