@@ -20,8 +20,6 @@ import os
 import sys
 import time
 import argparse
-import platform
-import subprocess
 import tempfile
 from datetime import date
 
@@ -30,18 +28,7 @@ import torch
 
 from nanochat.common import get_base_dir, autodetect_device_type
 from nanochat.checkpoint_manager import load_model_from_dir
-from nanochat.tokenizer import get_tokenizer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(0)
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
-
+from scripts.bench_train import DOCS_PATH, REPO_ROOT, append_section, describe_machine, git_commit, load_average, machine_line
 
 def load_gistnet(path, n_embd, device):
     """A trained GistNet from an mc_XXXXXX.pt (or {config, state_dict}) file; 'mean' = the baseline."""
@@ -71,19 +58,16 @@ def val_tokens(tokenizer, count):
 
 def record(section, no_record):
     print(section)
-    if no_record:
-        return
-    path = os.path.join(REPO, "docs", "benchmarks.md")
-    with open(path, "a") as f:
-        f.write("\n" + section + "\n")
-    print(f"appended to {path}")
+    if not no_record:
+        append_section(DOCS_PATH, section)
+        print(f"appended to {DOCS_PATH}")
 
 
-def header(title, device):
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    load = os.getloadavg()
-    return (f"## {title} ({date.today().isoformat()}, commit {commit})\n\n"
-            f"Device: {device_name(device)}; load average {load[0]:.2f}.\n"
+def header(title):
+    """Section heading plus the machine line and command, in bench_train's format."""
+    load = load_average()
+    return (f"## {title} ({date.today().isoformat()}, commit {git_commit(REPO_ROOT)})\n\n"
+            f"Device: {machine_line(describe_machine(sys.executable))}; load average {load[0]:.2f}.\n"
             f"Command: `python -m scripts.bench_megacontext {' '.join(sys.argv[1:])}`\n")
 
 # -----------------------------------------------------------------------------
@@ -127,7 +111,7 @@ def bench_ingest(args, model, tokenizer, device):
         n_lod1, n_lod2 = tree.num_gists(1), tree.num_gists(2)
         tree.close()
     ingest_tok_s = 4 * quarter / ingest_s
-    section = header("MegaContext ingest", device) + f"""
+    section = header("MegaContext ingest") + f"""
 | document | GistNet | LOD1 / LOD2 gists | ingest tok/s | base forward tok/s | RSS after 1/4, 2/4, 3/4, 4/4 (MiB) |
 |---|---|---|---|---|---|
 | {4 * quarter:,} tokens | {gist_name} | {n_lod1:,} / {n_lod2:,} | {ingest_tok_s:,.0f} | {forward_tok_s:,.0f} | {', '.join(f'{r:.0f}' for r in rss)} |
@@ -141,7 +125,7 @@ def bench_delta_nll(args, model, tokenizer, device):
     tokens = val_tokens(tokenizer, window * args.positions)
     documents = list(tokens.view(args.positions, window))
     rows = []
-    for spec in [args.gistnet, "mean"]:
+    for spec in dict.fromkeys([args.gistnet, "mean"]):  # the baseline once, even when it is the one asked for
         gistnet, name = load_gistnet(spec, model.config.n_embd, device)
         with torch.no_grad():
             r = evaluate_delta_nll(model, gistnet, documents, context_tokens=args.context_tokens,
@@ -151,7 +135,7 @@ def bench_delta_nll(args, model, tokenizer, device):
     lines = "\n".join(
         f"| {name} | {r['nll_full']:.4f} | {r['nll_drop']:.4f} | {r['delta_drop']:.4f} | {r['delta_lod1']:.4f} | "
         f"{r['recovered_lod1']:.3f} | {r['delta_lod2']:.4f} | {r['n_positions']} |" for name, r in rows)
-    section = header("MegaContext ΔNLL@H", device) + f"""
+    section = header("MegaContext ΔNLL@H") + f"""
 Base model `{args.model_tag}`, context C = {args.context_tokens} tokens, horizon H = {args.horizon}, held-out windows
 of the val split (one position per window). Units: nats/token. ΔNLL@H(L) = NLL_L − NLL_full;
 recovered = 1 − ΔNLL/ΔNLL_drop (DESIGN.md section 6). LOD2 equals LOD1 unless C ≥ 1056.
