@@ -121,6 +121,9 @@ class MegaContextVariant:
         return loss, {"phase": "delta_nll"}
 
     def on_step(self, step, metrics):
+        # nanochat's loop clears the GPT's grads (model.zero_grad); GistNet lives outside the GPT,
+        # so its grads are cleared here, after the optimizer step, or they would pile up across steps
+        self.gistnet.zero_grad(set_to_none=True)
         cfg = self.config
         phase = "pooling_mse" if self.step < cfg["pooling_mse_steps"] else "delta_nll"
         record = {"phase": phase, **metrics}
