@@ -213,17 +213,23 @@ def main(argv=None):
     measure(model, engine, warm, "cached", 4)
     measure(model, engine, warm, "naive", 2)
 
-    rows = []
+    prompts = {c: torch.randint(0, args.vocab_size, (c,), generator=g).tolist() for c in args.contexts}
+    cases = [(c, mode, n) for c in args.contexts for mode, n in (("cached", args.cached_tokens), ("naive", args.naive_tokens))]
+    profiles = {case: [] for case in cases}
     load_start = load_average()[0]
+    # Repeats are the outer loop: a burst of load from another process then spoils one run
+    # of several rows (and the median drops it) rather than every run of one row.
+    for r in range(1, args.repeats + 1):
+        for case in cases:
+            context, mode, n = case
+            print(f"[repeat {r}/{args.repeats}] context {context:,}: {mode}, {n} tokens ...", flush=True)
+            profiles[case].append(measure(model, engine, prompts[context], mode, n))
+    rows = []
     for context in args.contexts:
-        prompt = torch.randint(0, args.vocab_size, (context,), generator=g).tolist()
-        results = {}
-        for mode, n in (("cached", args.cached_tokens), ("naive", args.naive_tokens)):
-            print(f"context {context:,}: {mode}, {n} tokens ...", flush=True)
-            profile = combine_profiles([measure(model, engine, prompt, mode, n) for _ in range(args.repeats)])
-            results[mode] = dict(profile, context=context, mode=mode, tokens=n)
-        results["cached"]["speedup"] = results["cached"]["tok_per_sec"] / results["naive"]["tok_per_sec"]
-        rows += [results["cached"], results["naive"]]
+        cached, naive = [dict(combine_profiles(profiles[case]), context=case[0], mode=case[1], tokens=case[2])
+                         for case in cases if case[0] == context]
+        cached["speedup"] = cached["tok_per_sec"] / naive["tok_per_sec"]
+        rows += [cached, naive]
     load_end = load_average()[0]
 
     print()

@@ -237,6 +237,21 @@ def test_cached_and_naive_decoding_agree_on_a_tiny_model():
     assert len(md) == 3 and md[2].startswith("| 24 | cached | 6 |") and md[2].endswith("| 3.0x |")
 
 
+def test_decode_main_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    doc = tmp_path / "benchmarks.md"
+    monkeypatch.setattr(bd, "DOCS_PATH", doc)
+    monkeypatch.setattr(bd, "describe_machine", lambda python: dict(cpu="Test CPU", cores=2, threads=2, torch="2.x", gpu=None, num_gpus=0))
+    rows = bd.main(["--depth=1", "--aspect-ratio=32", "--head-dim=32", "--vocab-size=64", "--contexts=8,16",
+                    "--cached-tokens=4", "--naive-tokens=3", "--repeats=2"])
+    assert [(r["context"], r["mode"], r["tokens"], r["repeats"]) for r in rows] == [
+        (8, "cached", 4, 2), (8, "naive", 3, 2), (16, "cached", 4, 2), (16, "naive", 3, 2)]
+    assert all(len(r["latencies_s"]) == r["tokens"] - 1 for r in rows)
+    assert "speedup" in rows[0] and "speedup" not in rows[1]
+    text = doc.read_text()
+    assert "### Decode with and without the KV cache" in text and "median of 2 runs per row" in text
+    assert sum(line.startswith("| 8 |") or line.startswith("| 16 |") for line in text.splitlines()) == 4
+
+
 def test_decode_main_rejects_bad_flags():
     with pytest.raises(ValueError, match="at least 2"):
         bd.main(["--naive-tokens=1", "--no-docs"])
