@@ -370,7 +370,7 @@ def main(argv=None):
             f"- commit: {git_commit(REPO_ROOT) or 'unknown'}\n"
             f"{upstream_note}"
             f"- device: {machine_line(machine)}\n"
-            f"- command: `{command}` ({args.repeats} repeats, {args.steps} steps each, steps < {args.skip} skipped, "
+            f"- command: `{command}` ({args.repeats} repeat{'s' if args.repeats != 1 else ''}, {args.steps} steps each, steps < {args.skip} skipped, "
             f"same python and data for both sides, interleaved)\n"
             f"- load average (1 min) at the start/end of each run is in the table; the machine is shared\n\n"
             f"{format_table(rows, markdown=True)}\n"

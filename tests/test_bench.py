@@ -3,10 +3,7 @@ Smoke tests of the benchmark scripts' logic: log parsing, summaries and ratios, 
 formatting, the ours/upstream orchestration (against stand-in base_train scripts that print
 canned log lines) and the decode measurement on a tiny model. No timing is asserted.
 """
-import os
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
