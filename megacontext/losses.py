@@ -12,7 +12,9 @@ training losses.
 All in nats per horizon token. LOD2 spans are the tree's: aligned to multiples of 1024 tokens
 from the start of the document, so a span counts only if it lies whole inside the replaced
 blocks [t - C, t - 32). With the default C = 512 there is none and NLL_lod2 equals NLL_lod1.
-No BOS is added: every variant starts at its first entry, as a working context does.
+With bos=None no BOS is added: every variant starts at its first entry. With bos=<id> every
+row (full, gisted, dropped) starts with that one token, as every row of a model trained on
+long-document rows does (megacontext/window_loader.py); the BOS costs nothing.
 
 Training losses for GistNet (the base model frozen, gradients reaching GistNet through it):
     pooling_mse_loss   gist vs the mean of its inputs, compared after norm (a warm-up target)
@@ -214,13 +216,23 @@ def _summarize(nll_full, nll_lod1, nll_lod2, nll_drop):
     return out
 
 
+def _check_fits(model, positions, what):
+    """A row of `positions` slots must fit the model's sequence_len (rotary tables go further, but the
+    model was never trained there, so a figure from beyond it would mean nothing)."""
+    seq_len = model.config.sequence_len
+    if positions > seq_len:
+        raise ValueError(f"{what} needs {positions} positions but the model's sequence_len is {seq_len}; "
+                         f"lower context_tokens or horizon (their sum, plus a BOS if any, must be <= {seq_len})")
+
+
 @torch.no_grad()
-def delta_nll(model, gistnet, tokens, t, context_tokens=DEFAULT_CONTEXT, horizon=DEFAULT_HORIZON):
+def delta_nll(model, gistnet, tokens, t, context_tokens=DEFAULT_CONTEXT, horizon=DEFAULT_HORIZON, bos=None):
     """ΔNLL@H at position t of one document (a 1-D sequence of token ids) -> dict of floats:
     nll_full, nll_lod1, nll_lod2, nll_drop, delta_lod1, delta_lod2, delta_drop,
     recovered_lod1, recovered_lod2 (nats/token)."""
     _check_context(context_tokens, horizon)
     base = getattr(model, "_orig_mod", model)
+    _check_fits(base, context_tokens + horizon - 1 + (bos is not None), "ΔNLL@H")
     tokens = _as_token_tensor(tokens, base.get_device(), what="the document")
     if t % BLOCK_SIZE != 0:
         raise ValueError(f"position t={t} is not block-aligned; use a multiple of {BLOCK_SIZE}")
@@ -232,6 +244,8 @@ def delta_nll(model, gistnet, tokens, t, context_tokens=DEFAULT_CONTEXT, horizon
     gists = gisted_contexts(model, gistnet, context[None], first_token=t - context_tokens)
     last = context[-BLOCK_SIZE:]
     rows = [[context], [gists[1][0], last], [gists[2][0], last], [last]]
+    if bos is not None:
+        rows = [[[bos]] + row for row in rows]
     nll = horizon_nll(model, rows, tokens[t:t + horizon].expand(len(rows), horizon)).tolist()
     return _summarize(*nll)
 
@@ -245,7 +259,7 @@ def default_positions(documents, context_tokens=DEFAULT_CONTEXT, horizon=DEFAULT
 
 
 def evaluate_delta_nll(model, gistnet, documents, positions=None, context_tokens=DEFAULT_CONTEXT,
-                       horizon=DEFAULT_HORIZON, stride=None, max_positions=None):
+                       horizon=DEFAULT_HORIZON, stride=None, max_positions=None, bos=None):
     """ΔNLL@H averaged over many positions -> the delta_nll dict plus n_positions.
 
     documents: token sequences; positions: (document index, t) pairs, by default every
@@ -262,7 +276,7 @@ def evaluate_delta_nll(model, gistnet, documents, positions=None, context_tokens
     keys = ("nll_full", "nll_lod1", "nll_lod2", "nll_drop")
     sums = dict.fromkeys(keys, 0.0)
     for d, t in positions:
-        result = delta_nll(model, gistnet, documents[d], t, context_tokens, horizon)
+        result = delta_nll(model, gistnet, documents[d], t, context_tokens, horizon, bos=bos)
         for k in keys:
             sums[k] += result[k]
     out = _summarize(*(sums[k] / len(positions) for k in keys))
@@ -284,14 +298,15 @@ def pooling_mse_loss(gists, inputs):
     return F.mse_loss(norm(gists.float()), norm(inputs.float().mean(dim=1)))
 
 
-def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, level=1, first_token=0):
+def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, level=1, first_token=0, bos=None):
     """Mean ΔNLL of a batch of windows with LOD-`level` gists, differentiable w.r.t. GistNet.
 
     windows (B, C + H): context then horizon, block-aligned (first_token = position of
     window[:, 0] in its document, for LOD2 span alignment). Per window the base model reads
     [gists of all context blocks but the last | last block | horizon]; NLL_full (all tokens)
     is subtracted under no_grad, so the value is ΔNLL while the gradient is that of NLL_L.
-    The base model is kept frozen: it receives no gradients (see frozen())."""
+    The base model is kept frozen: it receives no gradients (see frozen()). With bos=<id>
+    every row starts with that token (windows then hold no BOS of their own)."""
     if level not in (1, 2):
         raise ValueError(f"level must be 1 or 2, got {level!r}")
     base = getattr(model, "_orig_mod", model)
@@ -300,13 +315,15 @@ def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, leve
         raise ValueError(f"windows must be (B, context_tokens + horizon) token ids, got shape {tuple(windows.shape)}")
     horizon = windows.size(1) - context_tokens
     _check_context(context_tokens, horizon)
+    _check_fits(base, context_tokens + horizon - 1 + (bos is not None), "delta_nll_loss")
     if first_token % BLOCK_SIZE != 0:
         raise ValueError(f"first_token={first_token} is not block-aligned; use a multiple of {BLOCK_SIZE}")
     contexts, horizons = windows[:, :context_tokens].long(), windows[:, context_tokens:].long()
     last = contexts[:, -BLOCK_SIZE:]
+    head = [] if bos is None else [[bos]]
     with frozen(model):
         gists = gisted_contexts(model, gistnet, contexts, first_token, lods=(level,))[level]
-        nll_gisted = horizon_nll(model, [[gists[b], last[b]] for b in range(len(windows))], horizons)
+        nll_gisted = horizon_nll(model, [head + [gists[b], last[b]] for b in range(len(windows))], horizons)
         with torch.no_grad():
-            nll_full = horizon_nll(model, [[contexts[b]] for b in range(len(windows))], horizons)
+            nll_full = horizon_nll(model, [head + [contexts[b]] for b in range(len(windows))], horizons)
     return (nll_gisted - nll_full).mean()

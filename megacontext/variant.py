@@ -8,10 +8,15 @@ Today the variant runs JT1: GistNet training on top of a frozen, pretrained base
     python -m nanochat.train --config configs/gistnet_cpu_tiny.yaml
 
 JT1, step by step (each micro-batch is a (B, T) row of the usual pretraining loader):
-  1. window = the first context_tokens + horizon tokens of each row
+  1. window = the first context_tokens + horizon tokens of each row; with long_documents (rows
+     from the run config's `data: {source: longdocs}`, each BOS + one document) the window is
+     what follows the BOS, and every row the base model reads starts with that BOS, as in
+     the base model's own training
   2. phase `pooling_mse` (the first pooling_mse_steps steps): each context block's gist is
-     pulled towards the mean of its 32 token embeddings (a warm-up target; the attention head
-     is initialised to exactly that, so there this phase starts at zero loss)
+     pulled towards the mean of its 32 token embeddings (a warm-up target). The attention and
+     mean_linear heads are initialised to exactly that mean; where a head is already at the
+     target (loss < POOLING_AT_TARGET) the step gets an exact zero gradient, because Adam would
+     otherwise turn float noise of ~1e-12 into full-size steps (measured: the loss rose to ~0.1)
   3. phase `delta_nll` (the rest): the base model reads [LOD1 gists of all context blocks but
      the last | the last block as tokens | the horizon]; the loss is the horizon NLL minus the
      NLL with the whole context as tokens, i.e. ΔNLL@H (DESIGN.md section 6), with gradients
@@ -24,6 +29,7 @@ The `megacontext:` section of the run config:
   lr, weight_decay             AdamW for GistNet (scaled by nanochat's LR schedule like every group)
   pooling_mse_steps            length of the warm-up phase (default 20)
   context_tokens, horizon      the JT1 window (context a multiple of 32; their sum <= max_seq_len)
+  long_documents               the rows are BOS + one long document (see step 1; default false)
   eval_every, eval_batches     held-out ΔNLL@H every N steps on this many val batches (0 = off)
   run_name                     telemetry file name (default: the run's model tag)
 
@@ -45,8 +51,10 @@ from megacontext.telemetry import Telemetry
 
 DEFAULTS = dict(
     base_model_tag=None, base_step=None, gistnet={}, seed=0, lr=3e-3, weight_decay=0.0,
-    pooling_mse_steps=20, context_tokens=224, horizon=32, eval_every=0, eval_batches=2, run_name=None,
+    pooling_mse_steps=20, context_tokens=224, horizon=32, long_documents=False, eval_every=0, eval_batches=2,
+    run_name=None,
 )
+POOLING_AT_TARGET = 1e-8  # pooling_mse below this: the head already is the mean pool
 
 
 class MegaContextVariant:
@@ -66,6 +74,7 @@ class MegaContextVariant:
         self.gistnet = None
         self.telemetry = None
         self.val_windows = None
+        self.bos = None
 
     # -------------------------------------------------------------------------
     # hooks called by nanochat/train.py
@@ -74,9 +83,13 @@ class MegaContextVariant:
         """Load the base weights, freeze them, attach gist inputs, create GistNet; return its group."""
         cfg = self.config
         window = cfg["context_tokens"] + cfg["horizon"]
-        if window > model.config.sequence_len:
-            raise ValueError(f"megacontext window context_tokens + horizon = {window} exceeds max_seq_len "
-                             f"{model.config.sequence_len}; lower megacontext.context_tokens or raise max_seq_len")
+        # a row of the trainer holds max_seq_len + 1 tokens (x plus y's last); long-document rows spend one on BOS
+        room = model.config.sequence_len + 1 - (1 if cfg["long_documents"] else 0)
+        if window > room:
+            raise ValueError(f"megacontext window context_tokens + horizon = {window} exceeds the {room} tokens a row "
+                             f"holds (max_seq_len {model.config.sequence_len}"
+                             f"{' + 1 - the BOS' if cfg['long_documents'] else ' + 1'}); lower megacontext.context_tokens "
+                             f"or megacontext.horizon")
         self._load_base_weights(model, run_args)
         model.requires_grad_(False)  # JT1: the base model is frozen (hooks.drop_frozen_params takes it out)
         base_inputs.attach(model)  # before torch.compile, as base_inputs requires
@@ -101,10 +114,18 @@ class MegaContextVariant:
         return [dict(kind="adamw", params=trainable, lr=cfg["lr"],
                      betas=(0.9, 0.95), eps=1e-10, weight_decay=cfg["weight_decay"])]
 
+    def _windows(self, x, y):
+        """(windows (B, C + H), bos id or None) from a micro-batch of the trainer."""
+        cfg = self.config
+        rows = torch.cat([x, y[:, -1:]], dim=1)  # the whole row: x plus the token y ends with
+        skip = 1 if cfg["long_documents"] else 0
+        bos = int(rows[0, 0]) if cfg["long_documents"] else None
+        return rows[:, skip:skip + cfg["context_tokens"] + cfg["horizon"]], bos
+
     def loss(self, model, x, y):
         """JT1 loss of one micro-batch (model is ignored: we use the uncompiled base, shapes vary)."""
         cfg = self.config
-        windows = x[:, :cfg["context_tokens"] + cfg["horizon"]]
+        windows, bos = self._windows(x, y)
         if self.step < cfg["pooling_mse_steps"]:
             blocks = windows[:, :cfg["context_tokens"]].reshape(-1, BLOCK_SIZE)
             with torch.no_grad():
@@ -115,8 +136,11 @@ class MegaContextVariant:
                 spans = lod1.detach().view(windows.size(0), -1, lod1.size(-1))
                 spans = spans[:, :spans.size(1) // BLOCK_SIZE * BLOCK_SIZE].reshape(-1, BLOCK_SIZE, lod1.size(-1))
                 loss = loss + pooling_mse_loss(self.gistnet(spans, 2), spans)
+            if loss.item() < POOLING_AT_TARGET:
+                loss = loss * 0.0  # at the target already: an exact zero gradient leaves the head where it is
             return loss, {"phase": "pooling_mse"}
-        loss = sum(delta_nll_loss(self.model, self.gistnet, windows, context_tokens=cfg["context_tokens"], level=level)
+        loss = sum(delta_nll_loss(self.model, self.gistnet, windows, context_tokens=cfg["context_tokens"], level=level,
+                                  bos=bos)
                    for level in self.levels)
         return loss, {"phase": "delta_nll"}
 
@@ -138,6 +162,7 @@ class MegaContextVariant:
         return {
             "gistnet": {"config": asdict(self.gistnet.config), "state_dict": self.gistnet.state_dict()},
             "identity": self.gistnet.identity(),
+            "trained_levels": list(self.levels),  # LOD2 weights outside this list are untrained
             "step": self.step,
             "megacontext_config": self.config,
         }
@@ -151,18 +176,26 @@ class MegaContextVariant:
     def evaluate(self):
         """ΔNLL@H on held-out windows (the val split), with the current GistNet."""
         cfg = self.config
+        window = cfg["context_tokens"] + cfg["horizon"]
         if self.val_windows is None:
             from nanochat.tokenizer import get_tokenizer
-            from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
-            window = cfg["context_tokens"] + cfg["horizon"]
-            loader = tokenizing_distributed_data_loader_bos_bestfit(
-                get_tokenizer(), 4, window, split="val", device=self.model.get_device())
-            self.val_windows = [next(loader)[0].clone() for _ in range(cfg["eval_batches"])]
+            tokenizer = get_tokenizer()
+            if cfg["long_documents"]:
+                from megacontext.window_loader import window_batches
+                loader = window_batches(tokenizer, 4, 1, window, split="val", device=self.model.get_device(), seed=1)
+                self.val_windows = [next(loader)[1].clone() for _ in range(cfg["eval_batches"])]
+            else:
+                from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+                loader = tokenizing_distributed_data_loader_bos_bestfit(
+                    tokenizer, 4, window, split="val", device=self.model.get_device())
+                self.val_windows = [next(loader)[0].clone() for _ in range(cfg["eval_batches"])]
+            self.bos = tokenizer.get_bos_token_id() if cfg["long_documents"] else None
         documents = [row for batch in self.val_windows for row in batch]
         self.gistnet.eval()
         with torch.no_grad():
             result = evaluate_delta_nll(self.model, self.gistnet, documents, context_tokens=cfg["context_tokens"],
-                                        horizon=cfg["horizon"], stride=cfg["context_tokens"] + cfg["horizon"])
+                                        horizon=cfg["horizon"], stride=cfg["context_tokens"] + cfg["horizon"],
+                                        bos=self.bos)
         self.gistnet.train()
         return result
 

