@@ -70,6 +70,16 @@ python -m nanochat.train --config configs/cpu_tiny.yaml 2>&1 | tee "$LOG_DIR/bas
 step "evaluation: bits per byte on train/val, and samples"
 python -m scripts.base_eval --eval=bpb,sample --model-tag=cpu_tiny --device-batch-size=4 --split-tokens=16384 2>&1 | tee "$LOG_DIR/base_eval.log"
 
+# MegaContext's testbed: a base model that needs distant context, its GistNet, and the harness
+step "long-context testbed: a base model on long documents + synthetic long-range tasks (configs/longctx_cpu.yaml)"
+python -m nanochat.train --config configs/longctx_cpu.yaml 2>&1 | tee "$LOG_DIR/longctx_train.log"
+
+step "MegaContext JT1: GistNet on the frozen testbed model (configs/gistnet_longctx_cpu.yaml)"
+python -m nanochat.train --config configs/gistnet_longctx_cpu.yaml 2>&1 | tee "$LOG_DIR/gistnet_train.log"
+
+step "long-context evaluation: every method at W=128 (configs/eval_cpu.yaml) -> $NANOCHAT_BASE_DIR/eval/longctx"
+python -m megacontext.eval --config configs/eval_cpu.yaml --out "$NANOCHAT_BASE_DIR/eval/longctx" 2>&1 | tee "$LOG_DIR/longctx_eval.log"
+
 # SFT and chat eval read the task rows shipped in tasks/fixtures (no hub download)
 export NANOCHAT_TASK_FIXTURES="$PWD/tasks/fixtures"
 step "SFT on the offline task conversations"
@@ -86,4 +96,6 @@ python -m nanochat.chat --config configs/chat_cpu.yaml --source=sft --prompt "Wh
 step "report card"
 python -m scripts.report_card --model-tag=cpu_tiny --wall-time-s=$(( $(date +%s) - START_TIME ))
 step "done in $(( $(date +%s) - START_TIME ))s. Artifacts: $NANOCHAT_BASE_DIR"
+echo "Long-context report: $NANOCHAT_BASE_DIR/eval/longctx/report.md"
+python -m megacontext.eval --headline "$NANOCHAT_BASE_DIR/eval/longctx/report.json" || true
 echo "Chat: python -m nanochat.chat --config configs/chat_cpu.yaml   (or in the browser: python -m scripts.chat_web -i sft -g cpu_tiny --device-type=cpu)"

@@ -67,7 +67,7 @@ ABSENT_REASONS = {"megacontext": "LensNet and the Focus Allocator are not built 
 DEFAULTS = {
     "model_tag": "longctx_cpu",   # base_checkpoints/<model_tag>
     "step": None,                 # checkpoint step (None = last)
-    "gistnet": None,              # mc_XXXXXX.pt of a JT1 run; None = no gist_uniform / oracle
+    "gistnet": None,              # a JT1 run's model tag (its last mc_XXXXXX.pt) or a .pt path; None = no gist methods
     "device_type": "",            # cuda | cpu | mps ("" = autodetect)
     "budget_tokens": 128,         # W
     "horizon": 32,                # H: tokens scored per natural-text position
@@ -774,6 +774,21 @@ def headline(report):
     return "\n".join(lines)
 
 
+def resolve_gistnet(spec):
+    """A .pt path as given, or a JT1 model tag -> base_checkpoints/<tag>/mc_<last step>.pt."""
+    from nanochat.common import get_base_dir
+    path = os.path.expanduser(str(spec))
+    if path.endswith(".pt") or os.sep in path:
+        return path
+    ckpt_dir = os.path.join(get_base_dir(), "base_checkpoints", path)
+    steps = sorted(int(f[3:-3]) for f in os.listdir(ckpt_dir) if f.startswith("mc_") and f.endswith(".pt")) \
+        if os.path.isdir(ckpt_dir) else []
+    if not steps:
+        raise FileNotFoundError(f"no GistNet (mc_XXXXXX.pt) under {ckpt_dir}; train one with "
+                                f"`python -m nanochat.train --config configs/gistnet_longctx_cpu.yaml`")
+    return os.path.join(ckpt_dir, f"mc_{steps[-1]:06d}.pt")
+
+
 def load_gistnet_checkpoint(path, n_embd, device):
     """A trained GistNet from a JT1 mc_XXXXXX.pt -> (gistnet in eval mode, trained levels)."""
     import torch
@@ -795,6 +810,13 @@ def load_gistnet_checkpoint(path, n_embd, device):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--headline"]:  # print the headline figures of an existing report.json
+        if len(argv) != 2 or not os.path.exists(argv[1]):
+            print("error: --headline needs the path of an existing report.json", file=sys.stderr)
+            return 2
+        with open(argv[1]) as f:
+            print(headline(json.load(f)))
+        return 0
     try:
         cfg, out, task_files = parse_args(argv)
     except ValueError as e:
@@ -813,7 +835,7 @@ def main(argv=None):
         model, tokenizer, _ = load_model("base", device, phase="eval", model_tag=cfg["model_tag"], step=cfg["step"])
         gistnet = None
         if cfg["gistnet"]:
-            gistnet, trained = load_gistnet_checkpoint(os.path.expanduser(cfg["gistnet"]), model.config.n_embd, device)
+            gistnet, trained = load_gistnet_checkpoint(resolve_gistnet(cfg["gistnet"]), model.config.n_embd, device)
             print(f"GistNet: {gistnet.identity()} (trained levels: {', '.join(map(str, trained))})")
         task_files = list(task_files)
         for path in task_files:  # fail on a bad file before the long work starts

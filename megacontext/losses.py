@@ -305,10 +305,13 @@ def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, leve
     window[:, 0] in its document, for LOD2 span alignment). Per window the base model reads
     [gists of all context blocks but the last | last block | horizon]; NLL_full (all tokens)
     is subtracted under no_grad, so the value is ΔNLL while the gradient is that of NLL_L.
+    `level` may be a tuple, e.g. (1, 2): the sum of each level's mean ΔNLL, with the LOD1 gists,
+    NLL_full and the gisted rows computed once for all levels (one batched forward).
     The base model is kept frozen: it receives no gradients (see frozen()). With bos=<id>
     every row starts with that token (windows then hold no BOS of their own)."""
-    if level not in (1, 2):
-        raise ValueError(f"level must be 1 or 2, got {level!r}")
+    levels = (level,) if isinstance(level, int) else tuple(level)
+    if not levels or any(lv not in (1, 2) for lv in levels):
+        raise ValueError(f"level must be 1 or 2 (or a tuple of them), got {level!r}")
     base = getattr(model, "_orig_mod", model)
     windows = torch.as_tensor(windows, device=base.get_device())
     if windows.ndim != 2:
@@ -321,9 +324,11 @@ def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, leve
     contexts, horizons = windows[:, :context_tokens].long(), windows[:, context_tokens:].long()
     last = contexts[:, -BLOCK_SIZE:]
     head = [] if bos is None else [[bos]]
+    B = len(windows)
     with frozen(model):
-        gists = gisted_contexts(model, gistnet, contexts, first_token, lods=(level,))[level]
-        nll_gisted = horizon_nll(model, [head + [gists[b], last[b]] for b in range(len(windows))], horizons)
+        gists = gisted_contexts(model, gistnet, contexts, first_token, lods=levels)
+        rows = [head + [gists[lv][b], last[b]] for lv in levels for b in range(B)]
+        nll_gisted = horizon_nll(model, rows, horizons.repeat(len(levels), 1)).view(len(levels), B)
         with torch.no_grad():
-            nll_full = horizon_nll(model, [head + [contexts[b]] for b in range(len(windows))], horizons)
-    return (nll_gisted - nll_full).mean()
+            nll_full = horizon_nll(model, [head + [contexts[b]] for b in range(B)], horizons)
+    return (nll_gisted - nll_full[None]).mean(dim=1).sum()

@@ -30,7 +30,10 @@ records needle_start/needle_end so tests and the harness can check where it real
             question "What is the value of PT? PT = "                  answer "52817"
 
 Answers never start with a space: the space that would precede them ends the question, so
-an answer's tokens are only the retrieved content.
+an answer's tokens are only the retrieved content. needle and assoc cases also carry
+`more_queries` (the other keys asked and answered, in text): a training row may go on with
+them after the answer, which multiplies the retrieval targets a row holds (the multi-query
+form of associative recall); an evaluation scores the one answer only.
 
 This module owns the templates and their construction. It never tokenizes whole documents
 (longdocs.py) and never cuts rows for training (window_loader.py).
@@ -155,6 +158,8 @@ def make_case(kind, rng, tokenizer, corpus, history_tokens, depth):
         question = enc(f"\nWhat is the magic number of the {keys[0]}? The magic number of the {keys[0]} is ")
         answer = enc(values[0])
         extra["distractors"] = keys[1:]
+        extra["more_queries"] = [enc(f". What is the magic number of the {k}? The magic number of the {k} is {v}")
+                                 for k, v in zip(keys[1:], values[1:])]
     elif kind == "repeat":
         passage = filler(rng, corpus, REPEAT_TOKENS)
         plants = [(depth, list(enc("\n<<< ")) + passage.tolist() + enc(" >>>\n"))]
@@ -170,6 +175,7 @@ def make_case(kind, rng, tokenizer, corpus, history_tokens, depth):
         plants = [(depth, enc(f"\nTable: {table}\n"))]
         question, answer = enc(f"\nLook up {keys[asked]}: "), enc(values[asked])
         extra["asked"] = keys[asked]
+        extra["more_queries"] = [enc(f"\nLook up {k}: {v}") for k, v in zip(keys, values) if k != keys[asked]]
     elif kind == "vartrack":
         names = set()
         while len(names) < 5:
@@ -187,5 +193,6 @@ def make_case(kind, rng, tokenizer, corpus, history_tokens, depth):
         raise ValueError(f"unknown synthetic task {kind!r}; known: {', '.join(TASKS)}")
     tokens, starts = _assemble(rng, corpus, bos, history_tokens, plants, question, answer)
     extra["filler_tokens"] = history_tokens - 1 - sum(len(p) for _, p in plants) - len(question)
+    extra["question_start"] = history_tokens - len(question)
     return Case(kind=kind, tokens=tokens, history_tokens=history_tokens, answer_len=len(answer), depth=depth,
                 needle_start=starts[0], needle_end=starts[0] + len(plants[0][1]), extra=extra)

@@ -139,9 +139,8 @@ class MegaContextVariant:
             if loss.item() < POOLING_AT_TARGET:
                 loss = loss * 0.0  # at the target already: an exact zero gradient leaves the head where it is
             return loss, {"phase": "pooling_mse"}
-        loss = sum(delta_nll_loss(self.model, self.gistnet, windows, context_tokens=cfg["context_tokens"], level=level,
-                                  bos=bos)
-                   for level in self.levels)
+        loss = delta_nll_loss(self.model, self.gistnet, windows, context_tokens=cfg["context_tokens"],
+                              level=self.levels, bos=bos)
         return loss, {"phase": "delta_nll"}
 
     def on_step(self, step, metrics):

@@ -3,9 +3,16 @@ Rows of long documents for training, and the data source that hands them to nano
 
 A row is `row_tokens` tokens of ONE document, starting with BOS: either a window of a natural
 document (BOS + the document from a random offset) or a synthetic case (synthetic.py) whose
-question sits at a random length and whose document goes on with natural text after the
-answer. Which kind a row is comes from the mixture weights. Rows never cross documents;
+question sits at a random length and whose document goes on after the answer with the case's
+further queries (needle, assoc) and then natural text. Which kind a row is comes from the mixture weights. Rows never cross documents;
 natural documents shorter than a row are skipped (counted in `skipped`).
+
+Targets: a natural row is supervised everywhere. In a synthetic row only the question, the
+answer and the further queries are (the filler around them gets the ignore index -1): the
+filler is natural text the natural rows already teach, and unmasked it would bury the few
+answer tokens (a dozen in a thousand) that only distant context predicts; with the filler
+supervised, retrieval did not emerge in 2,000 CPU steps. `synthetic_targets: all` turns the
+mask off.
 
 Determinism and resume: row i of a stream is a pure function of (seed, split, i): its RNG
 is random.Random(f"{seed}:{split}:{i}"). A stream is therefore resumed exactly from the index
@@ -29,7 +36,7 @@ import numpy as np
 import torch
 
 from megacontext.longdocs import load_corpus, SOURCES
-from megacontext.synthetic import TASKS, make_case
+from megacontext.synthetic import TASKS, make_case, filler
 
 KINDS = ("natural",) + TASKS
 DEFAULT_MIXTURE = {"natural": 0.5, "passkey": 0.15, "needle": 0.1, "repeat": 0.1, "assoc": 0.1, "vartrack": 0.05}
@@ -48,7 +55,11 @@ def check_mixture(mixture):
 class RowStream:
     """Deterministic stream of long-document rows of one split."""
 
-    def __init__(self, tokenizer, row_tokens, split="train", mixture=None, seed=0, sources=SOURCES, corpus=None):
+    def __init__(self, tokenizer, row_tokens, split="train", mixture=None, seed=0, sources=SOURCES, corpus=None,
+                 synthetic_targets="answers"):
+        if synthetic_targets not in ("answers", "all"):
+            raise ValueError(f"synthetic_targets must be 'answers' or 'all', got {synthetic_targets!r}")
+        self.synthetic_targets = synthetic_targets
         if row_tokens < 2:
             raise ValueError(f"row_tokens must be at least 2, got {row_tokens}")
         self.tokenizer = tokenizer
@@ -74,6 +85,11 @@ class RowStream:
 
     def row(self, index):
         """(tokens (row_tokens,) int64 numpy, kind) of row `index`."""
+        tokens, kind, _ = self.row_with_targets(index)
+        return tokens, kind
+
+    def row_with_targets(self, index):
+        """(tokens, kind, supervised) of row `index`; supervised[i] says whether token i is a target."""
         rng = random.Random(f"{self.seed}:{self.split}:{index}")
         kind = self.kind_of(rng)
         n = self.row_tokens
@@ -82,7 +98,7 @@ class RowStream:
             doc = self.corpus.arrays[d]
             start = rng.randrange(0, len(doc) - (n - 1) + 1)
             tokens = np.concatenate([[self.bos], doc[start:start + n - 1].astype(np.int64)])
-            return tokens, kind
+            return tokens, kind, np.ones(n, dtype=bool)
         # a synthetic case with a history of random length, the document continuing after it
         longest = n - 16  # leave room for the answer
         history = rng.randrange(min(MIN_SYNTHETIC_HISTORY, longest), longest + 1)
@@ -91,20 +107,28 @@ class RowStream:
             case = make_case(kind, rng, self.tokenizer, self.filler_corpus, history, depth)
         except ValueError:  # the task's fixed parts need more room than this draw gave (tiny tokenizers)
             case = make_case(kind, rng, self.tokenizer, self.filler_corpus, longest, depth)
-        tokens = case.tokens[:n]
+        pieces = [case.tokens]
+        queries = list(case.extra.get("more_queries", ()))
+        rng.shuffle(queries)
+        pieces += [np.asarray(q, dtype=np.int64) for q in queries]  # more retrieval targets, when the task has them
+        tokens = np.concatenate(pieces)[:n]
+        supervised = np.ones(n, dtype=bool)
+        if self.synthetic_targets == "answers":
+            supervised[:] = False
+            supervised[case.extra["question_start"]:len(tokens)] = True
         if len(tokens) < n:
-            from megacontext.synthetic import filler
             tokens = np.concatenate([tokens, filler(rng, self.filler_corpus, n - len(tokens))])
-        return tokens, kind
+        return tokens, kind, supervised
 
-    def rows(self, start=0, rank=0, world_size=1):
-        """Yield (index, tokens, kind) for index = start, start + world_size, ... (start ≡ rank mod world)."""
+    def rows(self, start=0, rank=0, world_size=1, with_targets=False):
+        """Yield (index, tokens, kind[, supervised]) for index = start, start + world_size, ...
+        (start ≡ rank mod world)."""
         if start % world_size != rank:
             start = start + ((rank - start) % world_size)
         index = start
         while True:
-            tokens, kind = self.row(index)
-            yield index, tokens, kind
+            tokens, kind, supervised = self.row_with_targets(index)
+            yield (index, tokens, kind, supervised) if with_targets else (index, tokens, kind)
             index += world_size
 
 
@@ -115,15 +139,18 @@ def _dist_info():
 
 
 def _batches(stream, B, start, device):
-    """(batch (B, row_tokens) int64 on device, state) forever; state points at the next row."""
+    """(batch (B, row_tokens) int64 on device, supervised (B, row_tokens) bool, state) forever;
+    state points at the next row."""
     rank, world = _dist_info()
-    rows = stream.rows(start, rank, world)
+    rows = stream.rows(start, rank, world, with_targets=True)
     use_cuda = str(device).startswith("cuda")
     while True:
         picked = [next(rows) for _ in range(B)]
-        batch = torch.from_numpy(np.stack([tokens for _, tokens, _ in picked]))
+        batch = torch.from_numpy(np.stack([tokens for _, tokens, _, _ in picked]))
+        supervised = torch.from_numpy(np.stack([s for *_, s in picked]))
         if use_cuda:
             batch = batch.pin_memory().to(device, non_blocking=True)
+            supervised = supervised.to(device)
         else:
             batch = batch.to(device)
         next_row = picked[-1][0] + world
@@ -132,7 +159,14 @@ def _batches(stream, B, start, device):
         # (the empty one keeps the trainer's snapshot writer, made for nanochat's loader, happy)
         state = {"epoch": 1, "pq_idx": next_row - rank, "rg_idx": 0,
                  "exact": {"next_row": next_row - rank, "buffer": []}}
-        yield batch, state
+        yield batch, supervised, state
+
+
+def _targets(batch, supervised):
+    """y = the rows shifted by one, with -1 (nanochat's ignore index) where a token is not a target."""
+    y = batch[:, 1:].clone()
+    y[~supervised[:, 1:]] = -1
+    return y
 
 
 def window_batches(tokenizer, B, history_tokens, horizon_tokens, split="train", device="cpu", mixture=None,
@@ -140,7 +174,7 @@ def window_batches(tokenizer, B, history_tokens, horizon_tokens, split="train", 
     """Yield (history (B, L), horizon (B, H), state): L + H tokens of one document per row, BOS first."""
     stream = RowStream(tokenizer, history_tokens + horizon_tokens, split, mixture, seed, sources)
     start = (resume_state_dict or {}).get("exact", {}).get("next_row", 0)
-    for batch, state in _batches(stream, B, start, device):
+    for batch, _, state in _batches(stream, B, start, device):
         yield batch[:, :history_tokens].contiguous(), batch[:, history_tokens:].contiguous(), state
 
 
@@ -149,9 +183,10 @@ class LongDocSource:
 
     Config keys (the run config's `data:` section): source (= longdocs), mixture (kind ->
     weight; kinds: natural, passkey, needle, repeat, assoc, vartrack), seed, sources (offline
-    text sources, default all of longdocs.SOURCES), val_seed."""
+    text sources, default all of longdocs.SOURCES), val_seed, synthetic_targets (answers | all,
+    see the module docstring)."""
 
-    KEYS = ("source", "mixture", "seed", "sources", "val_seed")
+    KEYS = ("source", "mixture", "seed", "sources", "val_seed", "synthetic_targets")
 
     def __init__(self, config):
         unknown = set(config) - set(self.KEYS)
@@ -163,6 +198,7 @@ class LongDocSource:
         self.seed = int(self.config.get("seed", 0))
         self.val_seed = int(self.config.get("val_seed", 12345))
         self.sources = tuple(self.config.get("sources") or SOURCES)
+        self.synthetic_targets = self.config.get("synthetic_targets", "answers")
 
     def describe(self):
         mix = ", ".join(f"{k} {w:g}" for k, w in self.mixture.items())
@@ -170,18 +206,20 @@ class LongDocSource:
 
     def train_loader(self, tokenizer, B, T, device, resume_state_dict=None):
         """(x, y, state) forever, like nanochat's tokenizing loader; resumes exactly from state."""
-        stream = RowStream(tokenizer, T + 1, "train", self.mixture, self.seed, self.sources)
+        stream = RowStream(tokenizer, T + 1, "train", self.mixture, self.seed, self.sources,
+                           synthetic_targets=self.synthetic_targets)
         if stream.skipped:
             print(f"long documents: {len(stream.skipped)} train documents shorter than {T} tokens are "
                   f"used only as synthetic filler")
         start = (resume_state_dict or {}).get("exact", {}).get("next_row")
         if start is None:  # a meta file without the snapshot still names the next row
             start = (resume_state_dict or {}).get("pq_idx", 0)
-        for batch, state in _batches(stream, B, start, device):
-            yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), state
+        for batch, supervised, state in _batches(stream, B, start, device):
+            yield batch[:, :-1].contiguous(), _targets(batch, supervised), state
 
     def val_loader(self, tokenizer, B, T, device):
         """(x, y) of the val split: the same rows every time it is built."""
-        stream = RowStream(tokenizer, T + 1, "val", self.mixture, self.val_seed, self.sources)
-        for batch, _ in _batches(stream, B, 0, device):
-            yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        stream = RowStream(tokenizer, T + 1, "val", self.mixture, self.val_seed, self.sources,
+                           synthetic_targets=self.synthetic_targets)
+        for batch, supervised, _ in _batches(stream, B, 0, device):
+            yield batch[:, :-1].contiguous(), _targets(batch, supervised)

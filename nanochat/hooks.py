@@ -197,8 +197,8 @@ def _coerce(value, like, key):
             return float(value)
     except ValueError:
         raise ValueError(f"config key '{key}' expects {type(like).__name__}, got '{value}'") from None
-    if like is None:
-        return yaml.safe_load(value)  # best guess for keys whose default is None
+    if like is None or isinstance(like, (dict, list)):
+        return yaml.safe_load(value)  # best guess for keys whose default is None; mappings and lists as YAML
     return value
 
 

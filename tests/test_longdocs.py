@@ -179,3 +179,20 @@ def test_rank_sharding_and_exact_resume(tokenizer, monkeypatch):
     assert hist.shape == (3, 65) and hor.shape == (3, 32) and (hist[:, 0] == tokenizer.get_bos_token_id()).all()
     with pytest.raises(ValueError, match="unknown key"):
         LongDocSource({"source": "longdocs", "mixtures": {}})
+
+
+def test_synthetic_rows_supervise_the_question_and_answers_only(tokenizer, monkeypatch):
+    corpus = fake_corpus()
+    stream = RowStream(tokenizer, 513, mixture={"assoc": 1.0}, corpus=corpus)
+    tokens, kind, supervised = stream.row_with_targets(0)
+    text = tokenizer.decode(tokens[supervised].tolist())
+    assert text.startswith("\nLook up ") and text.count("Look up") == 12  # the asked key + the 11 others
+    assert not supervised[:200].any()  # the table and the filler before it are not targets
+    natural = RowStream(tokenizer, 513, mixture={"natural": 1.0}, corpus=corpus).row_with_targets(0)[2]
+    assert natural.all()
+    monkeypatch.setattr("megacontext.window_loader.load_corpus", lambda *a, **k: corpus)
+    x, y, _ = next(LongDocSource({"source": "longdocs", "mixture": {"assoc": 1.0}}).train_loader(tokenizer, 1, 512, "cpu"))
+    assert ((y == -1) | (y == x.roll(-1, dims=1))).all() and (y == -1).sum() > 300
+    x2, y2, _ = next(LongDocSource({"source": "longdocs", "mixture": {"assoc": 1.0}, "synthetic_targets": "all"})
+                     .train_loader(tokenizer, 1, 512, "cpu"))
+    assert (x2 == x).all() and (y2 >= 0).all()

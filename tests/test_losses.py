@@ -18,7 +18,7 @@ D = 64
 V = 512
 
 
-def make_model(sequence_len=1024 + 64):
+def make_model(sequence_len=1024 + 128):  # holds C = 1088 + H = 32
     """A small random GPT with its zero-initialised projections and smear switched on, so
     positions interact (a fresh init passes nothing between positions)."""
     torch.manual_seed(0)
@@ -201,6 +201,15 @@ def test_delta_nll_loss_trains_gistnet_only(gistnet, document):
     grads = [p.grad for p in gistnet.levels[0].parameters()]  # LOD1's weights (LOD2's are unused here)
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     gistnet.zero_grad(set_to_none=True)
+
+
+def test_contexts_beyond_the_models_sequence_len_are_refused(gistnet, document):
+    short = make_model(sequence_len=256)
+    with pytest.raises(ValueError, match="needs 287 positions but the model's sequence_len is 256"):
+        losses.delta_nll(short, gistnet, document, 512, context_tokens=256, horizon=32)
+    with pytest.raises(ValueError, match="sequence_len is 256"):
+        losses.delta_nll_loss(short, gistnet, document[:288][None], context_tokens=224, bos=0)
+    losses.delta_nll_loss(short, gistnet, document[:256][None], context_tokens=224, bos=0)  # 1 + 255 fits
 
 
 def test_delta_nll_loss_rejects_bad_windows(model, gistnet, document):

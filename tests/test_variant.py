@@ -4,6 +4,7 @@ whether or not megacontext was imported, and a JT1 run trains and saves every Gi
 parameter while the base model stays frozen.
 """
 import os
+import math
 import json
 import shutil
 import subprocess
@@ -132,3 +133,36 @@ def test_jt1_bad_config_is_one_clear_line(train_base_dir, tmp_path, edit, messag
     r = run_train_config(train_base_dir, JT1_CONFIG.replace(*edit), tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert message in r.stderr.strip().splitlines()[-1]
+
+
+def test_pooling_warmup_leaves_a_head_that_starts_at_the_mean_where_it_is(train_base_dir, tmp_path):
+    # the attention head starts exactly at the mean pool, the warm-up's target: Adam must not push it off
+    r = run_train_config(train_base_dir, JT1_CONFIG, tmp_path, "--num_iterations=2", "--megacontext.eval_every=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    from megacontext.gistnet import GistNet, GistNetConfig
+    mc = torch.load(train_base_dir / "base_checkpoints" / "jt1" / "mc_000002.pt")
+    init = GistNet(GistNetConfig(**mc["gistnet"]["config"])).init_weights(seed=0).state_dict()
+    moved = [k for k, v in mc["gistnet"]["state_dict"].items() if not torch.equal(v, init[k])]
+    assert moved == [], f"the pooling warm-up moved {moved}"
+    assert mc["trained_levels"] == [1]
+
+
+LONGDOC_SECTION = """
+data:
+  source: longdocs
+  sources: [pydoc]
+  mixture: {natural: 0.5, passkey: 0.5}
+"""
+
+
+def test_jt1_on_long_document_rows_reads_past_the_bos(train_base_dir, tmp_path):
+    config = JT1_CONFIG.replace("  eval_every: 3\n", "  eval_every: 3\n  long_documents: true\n") + LONGDOC_SECTION
+    r = run_train_config(train_base_dir, config, tmp_path, "--num_iterations=4")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Data: long documents (pydoc" in r.stdout and "JT1 val ΔNLL@H lod1" in r.stdout
+    records = [x for x in read_jsonl(tmp_path / "artifacts" / "run_logs" / "jt1.jsonl") if "step" in x]
+    assert len(records) == 4 and all(math.isfinite(x["loss"]) for x in records)
+    # a window that does not fit the row once the BOS takes its place is one clear line
+    bad = config.replace("  context_tokens: 96\n", "  context_tokens: 160\n")
+    r = run_train_config(train_base_dir, bad, tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "lower megacontext.context_tokens" in r.stderr
