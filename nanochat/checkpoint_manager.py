@@ -155,14 +155,13 @@ def _other_base_dirs_holding(path):
 def _require_dir(path, what):
     if not os.path.isdir(path):
         elsewhere = _other_base_dirs_holding(path)
+        hint = ""
         if elsewhere:
             where = " or ".join(f"NANOCHAT_BASE_DIR={d}" for d in elsewhere)
-            raise FileNotFoundError(
-                f"{what} {path} does not exist, but {os.path.relpath(path, get_base_dir())} is in "
-                f"another base dir: set {where} (e.g. prefix the command with it)")
+            hint = f" ({os.path.relpath(path, get_base_dir())} is there: set {where}, e.g. as a prefix of the command)"
         raise FileNotFoundError(
             f"{what} {path} does not exist; train a model first (e.g. python -m scripts.base_train) "
-            f"or point NANOCHAT_BASE_DIR at the directory that holds your checkpoints")
+            f"or point NANOCHAT_BASE_DIR at the directory that holds your checkpoints{hint}")
 
 
 def _torch_load(path, device, what, fix):

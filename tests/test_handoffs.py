@@ -131,4 +131,4 @@ def test_missing_checkpoint_names_the_base_dir_that_holds_it(preset_home, monkey
     # a tag no base dir has: the plain advice, no false lead
     with pytest.raises(FileNotFoundError) as info:
         load_model("sft", torch.device("cpu"), phase="eval", model_tag="d99")
-    assert "NANOCHAT_BASE_DIR=" not in str(info.value) and "train a model first" in str(info.value)
+    assert "is there: set" not in str(info.value) and "train a model first" in str(info.value)
