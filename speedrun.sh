@@ -90,12 +90,29 @@ NANOCHAT_COMPILE=0 python -m scripts.chat_sft --model-tag=cpu_tiny --device-type
 step "chat eval (ChatCORE on the fixture tasks)"
 python -m scripts.chat_eval -i sft -g cpu_tiny --device-type=cpu -m 64 2>&1 | tee "$LOG_DIR/chat_eval.log"
 
-step "a chat sample"
-python -m nanochat.chat --config configs/chat_cpu.yaml --source=sft --prompt "What is the capital of France?" 2>/dev/null | tee "$LOG_DIR/chat_sample.log"
+step "a chat sample (the SFT model, configs/chat_cpu.yaml)"
+if ! python -m nanochat.chat --config configs/chat_cpu.yaml --prompt "What is the capital of France?" \
+        2>"$LOG_DIR/chat_sample.err" | tee "$LOG_DIR/chat_sample.log"; then
+    cat "$LOG_DIR/chat_sample.err" >&2
+    exit 1
+fi
 
 step "report card"
 python -m scripts.report_card --model-tag=cpu_tiny --wall-time-s=$(( $(date +%s) - START_TIME ))
+
+# >>> next steps. Each command printed here runs as printed when pasted into a new shell
+# (no venv activated, any directory, NANOCHAT_BASE_DIR unset): it carries the repo, the base
+# dir and the interpreter. The last line is `Chat: <command>`; --prompt "..." appended to it
+# gives one reply. tests/test_handoffs.py runs them.
+NEXT_RUN="cd $(printf %q "$PWD") && NANOCHAT_BASE_DIR=$(printf %q "$NANOCHAT_BASE_DIR") $(printf %q "$(command -v python)") -m"
 step "done in $(( $(date +%s) - START_TIME ))s. Artifacts: $NANOCHAT_BASE_DIR"
-echo "Long-context report: $NANOCHAT_BASE_DIR/eval/longctx/report.md"
-python -m megacontext.eval --headline "$NANOCHAT_BASE_DIR/eval/longctx/report.json" || true
-echo "Chat: python -m nanochat.chat --config configs/chat_cpu.yaml   (or in the browser: python -m scripts.chat_web -i sft -g cpu_tiny --device-type=cpu)"
+if [ -f "$NANOCHAT_BASE_DIR/eval/longctx/report.json" ]; then
+    echo "Long-context headline figures:"
+    python -m megacontext.eval --headline "$NANOCHAT_BASE_DIR/eval/longctx/report.json"
+fi
+echo "Report: cat $(printf %q "$NANOCHAT_BASE_DIR/report.md")"
+echo "Long-context report: cat $(printf %q "$NANOCHAT_BASE_DIR/eval/longctx/report.md")"
+echo "Web:    $NEXT_RUN scripts.chat_web -i sft -g cpu_tiny --device-type=cpu   # then open http://localhost:8000/"
+echo "(append --prompt \"...\" to the Chat command below for a single reply)"
+echo "Chat: $NEXT_RUN nanochat.chat --config configs/chat_cpu.yaml"
+# <<< next steps

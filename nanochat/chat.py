@@ -11,6 +11,14 @@ nanochat/hooks.py); when that variant has a `chat_session(engine, config)` membe
 session replaces the plain ChatSession (the one line tagged as a hook). scripts/chat_cli.py
 (upstream's flags) and scripts/chat_web.py (the web server) are built on this module.
 
+Base models. A base (pre-trained only) model never learned the chat tokens, so with
+source: base this command continues the text you type instead (CompletionSession: no chat
+rendering, each message a text of its own) and says so once on stderr. scripts/chat_cli.py
+keeps upstream's behaviour and renders every source as a chat.
+
+Where the model is: $NANOCHAT_BASE_DIR when set, else the config's base_dir, else
+~/.cache/nanochat (configs/chat_cpu.yaml names the CPU preset's ~/.cache/nanochat-cpu).
+
 In the terminal a reply streams out token by token; 'clear' starts a new conversation and
 'quit' or 'exit' (or Ctrl-D) leaves; Ctrl-C during a reply cuts it short. In one-shot mode
 (--prompt) stdout carries the reply alone so a script can capture it; loading messages go
@@ -37,6 +45,7 @@ Upstream's chat_cli has no such rule: its prompt grows past the context the mode
 trained on.
 """
 
+import os
 import sys
 from contextlib import nullcontext, redirect_stdout
 
@@ -56,6 +65,7 @@ DEFAULTS = {
     "max_tokens": 256,     # longest reply, in tokens (see the context policy above)
     "seed": 42,            # sampling seed for every reply, as upstream's chat_cli does
     "device_type": "",     # cuda | cpu | mps; empty = autodetect
+    "base_dir": None,      # artifacts dir to use when NANOCHAT_BASE_DIR is not set (~ allowed)
 }
 SOURCES = ("base", "sft", "rl")
 DEVICE_TYPES = ("", "cuda", "cpu", "mps")
@@ -85,6 +95,8 @@ def validate_settings(settings):
         raise ValueError(f"seed must be an integer, got {s['seed']!r}")
     if s["device_type"] not in DEVICE_TYPES:
         raise ValueError(f"device_type must be cuda, cpu or mps (or empty to autodetect), got {s['device_type']!r}")
+    if s["base_dir"] is not None and not (isinstance(s["base_dir"], str) and s["base_dir"].strip()):
+        raise ValueError(f"base_dir must be a directory path (or left out for $NANOCHAT_BASE_DIR), got {s['base_dir']!r}")
     s["prompt"] = "" if s["prompt"] is None else str(s["prompt"])
     return s
 
@@ -231,9 +243,101 @@ class ChatSession:
             self.turns.append(self._assistant_turn(self.tokenizer.decode(reply_ids), reply_ids))
 
 
-def build_session(engine, config, variant=None):
-    """The session for this run: the variant's own when it has one, else a plain ChatSession."""
-    make_session = getattr(variant, "chat_session", None) or ChatSession.from_config  # hook: a variant may run the chat its own way
+class CompletionSession:
+    """
+    Text continuation for a base (pre-trained only) model, with ChatSession's protocol.
+
+    A base model never saw chat tokens, so wrapping a message in them makes it answer
+    noise; here each message is plain text, <|bos|> + its tokens, and the reply is what the
+    model writes next, ending at max_tokens or at <|bos|> (where a new document would
+    start). Every message is a text of its own: nothing carries over from the last one.
+    A text too long to leave room for the reply is refused, like an over-long chat message.
+    """
+    user_label, reply_label = "Text", "Continuation"
+    notice = ("note: this is a base (pre-trained only) model, so it continues your text instead of "
+              "chatting; use the SFT model (source: sft) to chat")
+
+    def __init__(self, engine, max_tokens=256, temperature=0.6, top_k=50, seed=42):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.sequence_len = engine.model.config.sequence_len
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self.bos = self.tokenizer.get_bos_token_id()
+        self.reset()
+
+    @classmethod
+    def from_config(cls, engine, config):
+        return cls(engine, max_tokens=config["max_tokens"], temperature=config["temperature"],
+                   top_k=config["top_k"], seed=config["seed"])
+
+    reply_budget = ChatSession.reply_budget
+
+    def reset(self):
+        self.turns = []  # (role, text): the one text and, once sampled, its continuation
+        self.dropped_turns = 0
+
+    @property
+    def messages(self):
+        return [{"role": role, "content": text} for role, text in self.turns]
+
+    def render_prompt(self):
+        return [self.bos, *self.tokenizer.encode(self.turns[0][1])] if self.turns else [self.bos]
+
+    def load_messages(self, messages):
+        """Only the newest user message matters: it is the text to continue."""
+        self.reset()
+        users = [m for m in messages if m["role"] == "user"]
+        if users:
+            self.turns.append(("user", users[-1]["content"]))
+
+    def add_user_message(self, text):
+        if not isinstance(text, str):
+            raise ValueError(f"a text to continue must be a string, got {type(text).__name__}")
+        ids = self.tokenizer.encode(text)
+        budget = self.reply_budget
+        if 1 + len(ids) + budget > self.sequence_len:
+            raise ValueError(f"text too long for the model's context: {len(ids)} tokens, but at most "
+                             f"{max(self.sequence_len - budget - 1, 0)} fit ({self.sequence_len}-token context, "
+                             f"{budget} kept for the continuation); shorten it")
+        self.turns = [("user", text)]
+        return None
+
+    def stream_reply(self):
+        """Sample the continuation, yielding text as it is decoded (held back mid-character)."""
+        if not self.turns or self.turns[-1][0] != "user":
+            raise ValueError("there is no text to continue; call add_user_message() first")
+        prompt = self.render_prompt()
+        budget = min(self.reply_budget, self.sequence_len - len(prompt))
+        reply_ids, shown = [], ""
+        steps = self.engine.generate(prompt, num_samples=1, max_tokens=budget,
+                                     temperature=self.temperature, top_k=self.top_k, seed=self.seed)
+        try:
+            for token_column, _ in steps:
+                if token_column[0] == self.bos:
+                    break
+                reply_ids.append(token_column[0])
+                text = self.tokenizer.decode(reply_ids)
+                if not text.endswith("\ufffd") and len(text) > len(shown):
+                    piece, shown = text[len(shown):], text
+                    yield piece
+            text = self.tokenizer.decode(reply_ids)
+            if text != shown:
+                yield text[len(shown):]
+        finally:
+            steps.close()
+            self.turns.append(("assistant", self.tokenizer.decode(reply_ids)))
+
+
+def build_session(engine, config, variant=None, continue_base=False):
+    """The session for this run: the variant's own when it has one, else a plain ChatSession
+    (or, with continue_base and a base model, a CompletionSession)."""
+    make_session = getattr(variant, "chat_session", None)  # hook: a variant may run the chat its own way
+    if make_session is None:
+        plain = continue_base and config["source"] == "base"
+        make_session = (CompletionSession if plain else ChatSession).from_config
     return make_session(engine, config)
 
 # -----------------------------------------------------------------------------
@@ -242,6 +346,10 @@ def build_session(engine, config, variant=None):
 
 def load_engine(settings):
     """Load the checkpoint the settings name onto the chosen device; returns an Engine."""
+    if settings.get("base_dir") and not os.environ.get("NANOCHAT_BASE_DIR"):
+        # a config may say where its model lives (configs/chat_cpu.yaml: the CPU preset's dir);
+        # the environment variable, when set, still wins, as it does in speedrun.sh
+        os.environ["NANOCHAT_BASE_DIR"] = os.path.expanduser(settings["base_dir"])
     device_type = settings["device_type"] or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
     model, tokenizer, _ = load_model(settings["source"], device, phase="eval",
@@ -253,6 +361,8 @@ def run_repl(session, read_line=input, out=None):
     """Interactive chat until 'quit'/'exit' or end of input."""
     out = out or sys.stdout
     say = lambda *a, **k: print(*a, **k, file=out, flush=True)
+    user_label = getattr(session, "user_label", "User")
+    reply_label = getattr(session, "reply_label", "Assistant")
     say("\nNanoChat Interactive Mode")
     say("-" * 50)
     say("Type 'quit' or 'exit' to end the conversation")
@@ -260,7 +370,7 @@ def run_repl(session, read_line=input, out=None):
     say("-" * 50)
     while True:
         try:
-            user_input = read_line("\nUser: ").strip()
+            user_input = read_line(f"\n{user_label}: ").strip()
         except (EOFError, KeyboardInterrupt):
             say("\nGoodbye!")
             return
@@ -281,7 +391,7 @@ def run_repl(session, read_line=input, out=None):
             continue
         if notice:
             say(notice)
-        say("\nAssistant: ", end="")
+        say(f"\n{reply_label}: ", end="")
         try:
             for piece in session.stream_reply():
                 say(piece, end="")
@@ -301,14 +411,18 @@ def run_prompt(session, prompt, out=None):
     out.flush()
 
 
-def run_chat(settings, variant=None):
-    """Validate settings, load the model, build the session, then chat (REPL or one-shot)."""
+def run_chat(settings, variant=None, continue_base=False):
+    """Validate settings, load the model, build the session, then chat (REPL or one-shot).
+    continue_base: a base model continues the text instead (python -m nanochat.chat does
+    this; scripts/chat_cli keeps upstream's chat rendering for every source)."""
     settings = validate_settings(settings)
     one_shot = bool(settings["prompt"])
     # in one-shot mode stdout is the reply alone; loading chatter goes to stderr
     with redirect_stdout(sys.stderr) if one_shot else nullcontext():
         engine = load_engine(settings)
-        session = build_session(engine, settings, variant)
+        session = build_session(engine, settings, variant, continue_base)
+    if getattr(session, "notice", None):
+        print(session.notice, file=sys.stderr, flush=True)  # said once, before anything else
     if one_shot:
         run_prompt(session, settings["prompt"])
     else:
@@ -316,10 +430,10 @@ def run_chat(settings, variant=None):
     return session
 
 
-def run_cli(settings, variant=None):
+def run_cli(settings, variant=None, continue_base=False):
     """run_chat with bad input (missing checkpoint, bad setting, ...) reported as one line."""
     try:
-        return run_chat(settings, variant)
+        return run_chat(settings, variant, continue_base)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -351,7 +465,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return run_cli(settings, variant)
+    return run_cli(settings, variant, continue_base=True)
 
 
 if __name__ == "__main__":

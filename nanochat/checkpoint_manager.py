@@ -131,11 +131,37 @@ def _list_steps(checkpoint_dir):
     return sorted(int(f.split("_")[-1].split(".")[0]) for f in names)
 
 
+def _other_base_dirs_holding(path):
+    """Base dirs other than this one that hold `path`'s part below the base dir (e.g.
+    base_checkpoints/cpu_tiny). Looked for where our presets write: ~/.cache/nanochat*
+    (~/.cache/nanochat by default, ~/.cache/nanochat-cpu for speedrun.sh's CPU preset)."""
+    base_dir = os.path.realpath(get_base_dir())
+    relative = os.path.relpath(os.path.realpath(path), base_dir)
+    if relative.startswith(os.pardir):
+        return []  # not a path inside the base dir: nothing to compare
+    cache = os.path.join(os.path.expanduser("~"), ".cache")
+    try:
+        names = sorted(n for n in os.listdir(cache) if n == "nanochat" or n.startswith("nanochat-"))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        candidate = os.path.join(cache, name)
+        if os.path.realpath(candidate) != base_dir and os.path.isdir(os.path.join(candidate, relative)):
+            found.append(candidate)
+    return found
+
+
 def _require_dir(path, what):
     if not os.path.isdir(path):
+        elsewhere = _other_base_dirs_holding(path)
+        hint = ""
+        if elsewhere:
+            where = " or ".join(f"NANOCHAT_BASE_DIR={d}" for d in elsewhere)
+            hint = f" ({os.path.relpath(path, get_base_dir())} is there: set {where}, e.g. as a prefix of the command)"
         raise FileNotFoundError(
             f"{what} {path} does not exist; train a model first (e.g. python -m scripts.base_train) "
-            f"or point NANOCHAT_BASE_DIR at the directory that holds your checkpoints")
+            f"or point NANOCHAT_BASE_DIR at the directory that holds your checkpoints{hint}")
 
 
 def _torch_load(path, device, what, fix):

@@ -7,6 +7,8 @@ peak-throughput tables for MFU/MBU reporting.
 
 import os
 import re
+import sys
+import time
 import logging
 import urllib.request
 
@@ -73,10 +75,30 @@ class ColoredFormatter(logging.Formatter):
         return text
 
 
+def use_color(stream):
+    """ANSI colours only for a terminal: a log piped to a file (speedrun.sh tees every stage)
+    must stay plain text. NO_COLOR=1 turns them off on a terminal too."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def setup_default_logging():
     handler = logging.StreamHandler()
-    handler.setFormatter(ColoredFormatter('%(asctime)s - %(name)s - %(levelname)s - %(message)s'))
+    formatter = ColoredFormatter if use_color(handler.stream) else logging.Formatter
+    handler.setFormatter(formatter('%(asctime)s - %(name)s - %(levelname)s - %(message)s'))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def _drop_cpu_cuda_home_warning(record):
+    # torch.utils.cpp_extension (imported by torch.compile's inductor) warns "No CUDA runtime
+    # is found, using CUDA_HOME=..." on every CPU run of a CUDA build of torch that finds a
+    # CUDA toolkit directory: expected here, and it says nothing about the run.
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_drop_cpu_cuda_home_warning)
 
 
 setup_default_logging()
@@ -138,6 +160,93 @@ def print_banner():
      |_| |_|\__,_|_| |_|\___/ \___|_| |_|\__,_|\__|
     """
     print0(banner)
+
+# -----------------------------------------------------------------------------
+# Progress of a long stage (ours: upstream prints nothing in these places)
+
+
+def format_seconds(seconds):
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """
+    One progress bar for a stage: done/total, rate and ETA. On a terminal it redraws one line
+    in place; otherwise (a log file, a pipe) it writes the same bar as a plain line when a
+    quarter of the work is done, so a log gets at most four lines and no control characters.
+    Prints on rank 0 only.
+
+        progress = Progress(40, "bpb val", unit="batches")
+        for batch in progress.wrap(batches): ...
+    """
+
+    def __init__(self, total, desc, unit="it", stream=None, clock=time.monotonic):
+        self.total, self.desc, self.unit = max(int(total), 1), desc, unit
+        self.stream = stream if stream is not None else sys.stdout
+        self.enabled = int(os.environ.get("RANK", 0)) == 0
+        self.interactive = self.enabled and bool(getattr(self.stream, "isatty", None) and self.stream.isatty())
+        self.clock = clock
+        self.start = clock()
+        self.done = 0
+        self.quarters_shown = 0
+        self.closed = False
+
+    def line(self):
+        elapsed = self.clock() - self.start
+        frac = min(self.done / self.total, 1.0)
+        filled = int(20 * frac)
+        bar = "#" * filled + "." * (20 - filled)
+        text = f"{self.desc}: [{bar}] {self.done}/{self.total} {self.unit}"
+        if self.done and elapsed > 0:
+            text += f" | {self.done / elapsed:.2f} {self.unit}/s"
+        if self.done >= self.total:
+            text += f" | done in {format_seconds(elapsed)}"
+        elif self.done:
+            text += f" | eta {format_seconds(elapsed * (self.total - self.done) / self.done)}"
+        return text
+
+    def update(self, n=1):
+        self.done = min(self.done + n, self.total)
+        if not self.enabled:
+            return
+        if self.interactive:
+            self.stream.write("\r" + self.line() + "\x1b[K")  # redraw and clear what is left of the old line
+            if self.done >= self.total:
+                self.stream.write("\n")
+                self.closed = True
+            self.stream.flush()
+            return
+        quarters = 4 * self.done // self.total
+        if quarters > self.quarters_shown:
+            self.quarters_shown = quarters
+            print(self.line(), file=self.stream, flush=True)
+            self.closed = self.done >= self.total
+
+    def close(self):
+        """End the bar (also when the work stopped early): a terminal gets its newline."""
+        if self.enabled and not self.closed:
+            self.closed = True
+            if self.interactive:
+                self.stream.write("\n")
+                self.stream.flush()
+            elif self.done < self.total:
+                print(self.line() + " (stopped)", file=self.stream, flush=True)
+
+    def wrap(self, iterable, limit=None):
+        """Yield from iterable, counting each item as it is handed out (a consumer that takes
+        exactly `total` items never asks for one more, so counting after it would miss the
+        last); stop after `limit` items (default total)."""
+        limit = self.total if limit is None else limit
+        for i, item in enumerate(iterable):
+            if i >= limit:
+                break
+            self.update()
+            yield item
 
 # -----------------------------------------------------------------------------
 # Distributed / device setup

@@ -29,7 +29,7 @@ import zipfile
 import tempfile
 import argparse
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, download_file_with_lock
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, download_file_with_lock, Progress
 from nanochat.tokenizer import get_token_bytes
 from nanochat.checkpoint_manager import load_model
 from nanochat.core_eval import evaluate_task
@@ -216,8 +216,10 @@ def main():
                 "If 5*x + 3 = 13, then x is",
             ]
             engine = Engine(model, tokenizer)
+            # a progress bar with ETA (ours): on CPU the samples take a while
+            sample_progress = Progress(len(prompts) + 1, "samples", unit="prompts")
             print0("\nConditioned samples:")
-            for prompt in prompts:
+            for prompt in sample_progress.wrap(prompts):
                 tokens = tokenizer(prompt, prepend="<|bos|>")
                 sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
                 sample_str = tokenizer.decode(sample[0])
@@ -228,6 +230,8 @@ def main():
             print0("\nUnconditioned samples:")
             tokens = tokenizer("", prepend="<|bos|>")
             uncond, _ = engine.generate_batch(tokens, num_samples=8, max_tokens=128, temperature=1.0)
+            sample_progress.update()
+            sample_progress.close()
             for sample in uncond:
                 sample_str = tokenizer.decode(sample)
                 print0("-" * 80)
@@ -247,7 +251,9 @@ def main():
         steps = args.split_tokens // tokens_per_step
         for split_name in ["train", "val"]:
             loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, args.device_batch_size, sequence_len, split_name, device=device)
-            bpb = evaluate_bpb(model, loader, steps, token_bytes)
+            bpb_progress = Progress(steps, f"bpb {split_name}", unit="batches")  # ours
+            bpb = evaluate_bpb(model, bpb_progress.wrap(loader), steps, token_bytes)
+            bpb_progress.close()
             bpb_results[split_name] = bpb
             print0(f"{split_name} bpb: {bpb:.6f}")
 

@@ -22,7 +22,8 @@ as in training and serving; a d20-sized model for example:
 
     python -m scripts.bench_decode --depth=20 --vocab-size=32768 --cached-tokens=512 --naive-tokens=32
 
-A dated section is appended to docs/benchmarks.md unless --no-docs.
+It prints the figures; --record also appends them as a dated section to docs/benchmarks.md.
+Flags are parsed before torch is imported, so a typo is rejected at once.
 """
 
 import sys
@@ -31,12 +32,8 @@ import argparse
 import datetime
 import statistics
 
-import torch
-
-from nanochat.common import autodetect_device_type, COMPUTE_DTYPE
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.engine import Engine
-from scripts.bench_train import DOCS_PATH, REPO_ROOT, append_section, describe_machine, git_commit, load_average, machine_line
+from scripts.bench_common import (REPO_ROOT, DOCS_PATH, add_record_flag, record_section, describe_machine, git_commit,
+                                  load_average, machine_line, run_cli)
 
 # -----------------------------------------------------------------------------
 # Helpers (pure ones are tested in tests/test_bench.py)
@@ -148,6 +145,8 @@ def format_rows(rows, markdown=False):
 
 def build_model(args, device):
     """A randomly initialised GPT sized like base_train sizes it (model_dim = depth * aspect_ratio, rounded to heads)."""
+    import torch
+    from nanochat.gpt import GPT, GPTConfig
     base_dim = args.depth * args.aspect_ratio
     model_dim = ((base_dim + args.head_dim - 1) // args.head_dim) * args.head_dim
     num_heads = model_dim // args.head_dim
@@ -188,7 +187,7 @@ def build_parser():
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; medians are reported")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the random prompts")
-    parser.add_argument("--no-docs", action="store_true", help="do not append the results to docs/benchmarks.md")
+    add_record_flag(parser)
     return parser
 
 
@@ -199,6 +198,9 @@ def main(argv=None):
         raise ValueError("--cached-tokens and --naive-tokens must be at least 2 (latency is measured between tokens)")
     if args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
+    import torch  # after the flags are checked: a typo costs no torch import
+    from nanochat.common import autodetect_device_type, COMPUTE_DTYPE
+    from nanochat.engine import Engine
     device_type = args.device_type or autodetect_device_type()
     device = torch.device(device_type)
     torch.manual_seed(args.seed)
@@ -237,7 +239,7 @@ def main(argv=None):
     machine = describe_machine(sys.executable)
     print(f"machine: {machine_line(machine)}; load average (1 min) {load_start:.2f} at start, {load_end:.2f} at end")
 
-    if not args.no_docs:
+    if args.record:
         command = "python -m scripts.bench_decode " + " ".join(sys.argv[1:] if argv is None else argv)
         section = (
             f"### Decode with and without the KV cache, {datetime.date.today().isoformat()}\n\n"
@@ -250,14 +252,9 @@ def main(argv=None):
             f"- load average (1 min): {load_start:.2f} at start, {load_end:.2f} at end (shared machine)\n\n"
             f"{format_rows(rows, markdown=True)}\n"
         )
-        append_section(DOCS_PATH, section)
-        print(f"appended to {DOCS_PATH}")
+        record_section(section, DOCS_PATH)
     return rows
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -4,8 +4,10 @@ MegaContext benchmarks (figures, not tests): ingest speed and memory, and gist q
     python -m scripts.bench_megacontext ingest --model-tag cpu_tiny [--gistnet mc_000100.pt] [--tokens 1000000]
     python -m scripts.bench_megacontext delta-nll --model-tag cpu_tiny --gistnet PATH/mc_000100.pt
 
-Both read the base model from $NANOCHAT_BASE_DIR/base_checkpoints/<tag> and append a dated
-section (commit, device, command, figures) to docs/benchmarks.md (--no-record to skip).
+Both read the base model from $NANOCHAT_BASE_DIR/base_checkpoints/<tag> and print their
+figures; --record also appends them as a dated section (commit, device, command) to
+docs/benchmarks.md. Flags are parsed before torch is imported; bad input (a missing model
+tag or GistNet file) is one 'error:' line (NANOCHAT_DEBUG=1 for the traceback).
 
 ingest: streams a document of --tokens tokens (the val shards' text, repeated as needed) into a
   fresh MegaContext Tree, reporting gisting tok/s next to the base model's forward tok/s on the
@@ -23,20 +25,29 @@ import argparse
 import tempfile
 from datetime import date
 
-import psutil
-import torch
+from scripts.bench_common import (REPO_ROOT, DOCS_PATH, add_record_flag, record_section, describe_machine, git_commit,
+                                  load_average, machine_line, run_cli)
 
-from nanochat.common import get_base_dir, autodetect_device_type
-from nanochat.checkpoint_manager import load_model_from_dir
-from scripts.bench_train import DOCS_PATH, REPO_ROOT, append_section, describe_machine, git_commit, load_average, machine_line
+TRAIN_GISTNET = "python -m nanochat.train --config configs/gistnet_cpu_tiny.yaml"
+
+
+def check_gistnet_path(path):
+    if path not in (None, "mean") and not os.path.isfile(path):
+        raise FileNotFoundError(f"--gistnet {path} not found; train one with `{TRAIN_GISTNET}` "
+                                f"(it writes base_checkpoints/<tag>_gistnet/mc_XXXXXX.pt) or pass --gistnet mean")
+
 
 def load_gistnet(path, n_embd, device):
     """A trained GistNet from an mc_XXXXXX.pt (or {config, state_dict}) file; 'mean' = the baseline."""
+    import torch
     from megacontext.gistnet import GistNet, GistNetConfig
     if path in (None, "mean"):
         return GistNet(GistNetConfig(n_embd=n_embd, head="mean")).to(device).init_weights(), "mean"
+    check_gistnet_path(path)
     blob = torch.load(path, map_location=device)
-    blob = blob.get("gistnet", blob)
+    blob = blob.get("gistnet", blob) if isinstance(blob, dict) else blob
+    if not (isinstance(blob, dict) and "config" in blob and "state_dict" in blob):
+        raise ValueError(f"--gistnet {path} holds no GistNet (expected an mc_XXXXXX.pt written by `{TRAIN_GISTNET}`)")
     gistnet = GistNet(GistNetConfig(**blob["config"])).to(device)
     gistnet.load_state_dict(blob["state_dict"])
     return gistnet.eval(), os.path.basename(path)
@@ -44,6 +55,7 @@ def load_gistnet(path, n_embd, device):
 
 def val_tokens(tokenizer, count):
     """At least `count` tokens of held-out text (the val shard), repeated if the shard is short."""
+    import torch
     from nanochat.dataset import parquets_iter_batched
     bos = tokenizer.get_bos_token_id()
     ids = []
@@ -56,11 +68,10 @@ def val_tokens(tokenizer, count):
     return torch.tensor(ids[:count], dtype=torch.long)
 
 
-def record(section, no_record):
+def record(section, enabled):
     print(section)
-    if not no_record:
-        append_section(DOCS_PATH, section)
-        print(f"appended to {DOCS_PATH}")
+    if enabled:
+        record_section(section, DOCS_PATH)
 
 
 def header(title):
@@ -74,6 +85,8 @@ def header(title):
 
 
 def bench_ingest(args, model, tokenizer, device):
+    import psutil
+    import torch
     from megacontext.gistnet import token_embeddings
     from megacontext.tree import MegaContextTree
     gistnet, gist_name = load_gistnet(args.gistnet, model.config.n_embd, device)
@@ -116,10 +129,11 @@ def bench_ingest(args, model, tokenizer, device):
 |---|---|---|---|---|---|
 | {4 * quarter:,} tokens | {gist_name} | {n_lod1:,} / {n_lod2:,} | {ingest_tok_s:,.0f} | {forward_tok_s:,.0f} | {', '.join(f'{r:.0f}' for r in rss)} |
 """
-    record(section, args.no_record)
+    record(section, args.record)
 
 
 def bench_delta_nll(args, model, tokenizer, device):
+    import torch
     from megacontext.losses import evaluate_delta_nll
     window = args.context_tokens + args.horizon
     tokens = val_tokens(tokenizer, window * args.positions)
@@ -144,10 +158,10 @@ recovered = 1 − ΔNLL/ΔNLL_drop (DESIGN.md section 6). LOD2 equals LOD1 unles
 |---|---|---|---|---|---|---|---|
 {lines}
 """
-    record(section, args.no_record)
+    record(section, args.record)
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description="MegaContext benchmarks")
     parser.add_argument("what", choices=["ingest", "delta-nll"])
     parser.add_argument("--model-tag", type=str, required=True, help="base checkpoint tag under base_checkpoints/")
@@ -158,9 +172,18 @@ def main():
     parser.add_argument("--context-tokens", type=int, default=224, help="delta-nll: context C (multiple of 32)")
     parser.add_argument("--horizon", type=int, default=32, help="delta-nll: horizon H")
     parser.add_argument("--positions", type=int, default=64, help="delta-nll: held-out windows")
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    parser.add_argument("--no-record", action="store_true", help="print only; do not append to docs/benchmarks.md")
-    args = parser.parse_args()
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                        help="cuda|cpu|mps (empty = autodetect)")
+    add_record_flag(parser)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_gistnet_path(args.gistnet)  # before the slow part
+    import torch  # after the flags are checked: a typo costs no torch import
+    from nanochat.common import get_base_dir, autodetect_device_type
+    from nanochat.checkpoint_manager import load_model_from_dir
     device = torch.device(args.device_type or autodetect_device_type())
     model, tokenizer, _ = load_model_from_dir(os.path.join(get_base_dir(), "base_checkpoints"), device, "eval",
                                               model_tag=args.model_tag, step=args.step)
@@ -168,4 +191,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -32,14 +32,14 @@ go to the temporary dir). Each side gets its own fresh inductor cache, so the fi
 each pays a cold torch.compile (reported separately) and later repeats start warm;
 --cache-dir DIR keeps those caches between invocations (every repeat then starts warm).
 
-A dated section with the figures, the command, the commit and the machine (CPU model,
-cores, torch version, load average) is appended to docs/benchmarks.md unless --no-docs.
+It prints the figures; with --record it also appends a dated section with them, the command,
+the commit and the machine (CPU model, cores, torch version, load average) to
+docs/benchmarks.md (scripts/bench_common.py).
 """
 
 import os
 import re
 import sys
-import json
 import shutil
 import argparse
 import datetime
@@ -48,8 +48,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+from scripts.bench_common import (REPO_ROOT, DOCS_PATH, add_record_flag, record_section, load_average, git_commit,
+                                  describe_machine, machine_line, run_cli)
+
 REQUIRED_RATIO = 0.95  # on CPU at equal flags, ours must reach this fraction of upstream's tok/s
 
 # The CPU-sized config used for the recorded comparison (and the default when no flags are given)
@@ -149,69 +150,6 @@ def format_table(rows, markdown=False):
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in body])
 
 
-def cpu_model(cpuinfo_text):
-    """The 'model name' of /proc/cpuinfo (the first one), or 'unknown CPU'."""
-    for line in cpuinfo_text.splitlines():
-        if line.lower().startswith("model name") and ":" in line:
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def append_section(docs_path, section):
-    """Append a dated markdown section to the benchmarks doc (creating it if needed)."""
-    docs_path = Path(docs_path)
-    docs_path.parent.mkdir(parents=True, exist_ok=True)
-    existing = docs_path.read_text() if docs_path.exists() else "# Benchmarks\n"
-    docs_path.write_text(existing.rstrip("\n") + "\n\n" + section.strip("\n") + "\n")
-
-# -----------------------------------------------------------------------------
-# Machine description, shared with scripts/bench_decode.py
-
-def load_average():
-    try:
-        return os.getloadavg()
-    except OSError:
-        return (float("nan"),) * 3
-
-
-def git_commit(repo_dir):
-    """Short commit of repo_dir, with '+dirty' when tracked files differ from it; None if not a git checkout."""
-    try:
-        top = subprocess.run(["git", "-C", str(repo_dir), "rev-parse", "--show-toplevel"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        if Path(top).resolve() != Path(repo_dir).resolve():
-            return None  # a plain directory that merely sits inside some other repository
-        commit = subprocess.run(["git", "-C", str(repo_dir), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo_dir), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def describe_machine(python):
-    """CPU model, core count, torch version and GPU (if any) as seen by `python`."""
-    try:
-        cpu = cpu_model(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        import platform
-        cpu = platform.processor() or "unknown CPU"
-    probe = ("import json, torch; print(json.dumps({'torch': torch.__version__, 'threads': torch.get_num_threads(), "
-             "'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "
-             "'num_gpus': torch.cuda.device_count()}))")
-    out = subprocess.run([python, "-c", probe], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"could not import torch with {python}: {out.stderr.strip().splitlines()[-1:]}; pass --python")
-    info = json.loads(out.stdout.strip().splitlines()[-1])
-    info.update(cpu=cpu, cores=os.cpu_count())
-    return info
-
-
-def machine_line(info):
-    gpu = f"{info['num_gpus']}x {info['gpu']}" if info.get("gpu") else "no GPU"
-    return (f"{info['cpu']}, {info['cores']} cores (torch threads: {info['threads']}), {gpu}, torch {info['torch']}")
-
 # -----------------------------------------------------------------------------
 # Running base_train
 
@@ -296,7 +234,7 @@ def build_parser():
     parser.add_argument("--cache-dir", type=str, default=None, help="keep each side's inductor cache here across invocations "
                         "(default: fresh caches in the temporary dir, so repeat 1 compiles cold)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary dir (logs, base dir, inductor caches)")
-    parser.add_argument("--no-docs", action="store_true", help="do not append the results to docs/benchmarks.md")
+    add_record_flag(parser)
     return parser
 
 
@@ -360,7 +298,7 @@ def main(argv=None):
         print(verdict)
     print(f"machine: {machine_line(machine)}; load average now {' '.join(f'{x:.2f}' for x in load_average())}")
 
-    if not args.no_docs:
+    if args.record:
         command = "python -m scripts.bench_train " + " ".join(own + ["--"] + train_flags)
         upstream_note = ""
         if upstream_dir:
@@ -377,14 +315,9 @@ def main(argv=None):
         )
         if verdict:
             section += f"\n{verdict}\n"
-        append_section(DOCS_PATH, section)
-        print(f"appended to {DOCS_PATH}")
+        record_section(section, DOCS_PATH)
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -367,6 +367,7 @@ def train_sft(args):
     train_losses = []
     checkpoint_dir = None
     step = 0
+    sft_wall_start = time.time()  # for the ETA at the end of each step line (ours)
     while True:
         flops_so_far = num_flops_per_token * args.total_batch_size * step
 
@@ -492,7 +493,9 @@ def train_sft(args):
         mfu = 100 * flops_per_sec / (gpu_peak_flops * ddp_world_size)
         if step > 10:
             total_training_time += dt  # the first steps include compilation and warm-up
-        print0(f"step {step:05d} ({pct_done:.2f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch_progress.current_epoch} | total time: {total_training_time/60:.2f}m")
+        # ETA from the wall clock so far (evals included) and the fraction of the data consumed
+        eta = f"{(time.time() - sft_wall_start) * (1 - progress) / progress / 60:.1f}m" if progress > 0 else "?"
+        print0(f"step {step:05d} ({pct_done:.2f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch_progress.current_epoch} | total time: {total_training_time/60:.2f}m | eta: {eta}")
         if step % 10 == 0:
             wandb_run.log({
                 "step": step,

@@ -319,10 +319,14 @@ def create_app(args, pool, variant=None):
     @app.get("/health")
     async def health():
         model_config = pool.workers[0].engine.model.config if pool.workers else None
+        # what a reply can really get: the chat policy caps it at half the context
+        # (nanochat/chat.py), so a 256-token model never writes the 512 tokens of -m's default
+        reply_cap = MAX_MAX_TOKENS if model_config is None else max(1, min(MAX_MAX_TOKENS, model_config.sequence_len // 2))
         return {
             "status": "ok",
             "ready": len(pool.workers) > 0 and pool.available is not None,
-            "num_gpus": pool.num_gpus,
+            "num_gpus": pool.num_gpus if pool.device_type == "cuda" else 0,  # GPUs in use: none on CPU/MPS
+            "num_workers": len(pool.workers),
             "available_workers": pool.free_count(),
             "model": {
                 "source": args.source,
@@ -331,7 +335,10 @@ def create_app(args, pool, variant=None):
                 "sequence_len": model_config.sequence_len if model_config else None,
                 "device": pool.device_type,
             },
-            "defaults": {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens},
+            "defaults": {"temperature": args.temperature, "top_k": args.top_k,
+                         "max_tokens": min(args.max_tokens, reply_cap)},
+            "limits": {"temperature": [MIN_TEMPERATURE, MAX_TEMPERATURE], "top_k": [MIN_TOP_K, MAX_TOP_K],
+                       "max_tokens": [MIN_MAX_TOKENS, reply_cap]},
         }
 
     @app.get("/stats")
@@ -377,7 +384,9 @@ def main(argv=None):
 
     import uvicorn
     print("Starting NanoChat Web Server", file=sys.stderr)
-    print(f"Temperature: {args.temperature}, Top-k: {args.top_k}, Max tokens: {args.max_tokens}", file=sys.stderr)
+    context = pool.workers[0].engine.model.config.sequence_len
+    print(f"Temperature: {args.temperature}, Top-k: {args.top_k}, Max tokens: {min(args.max_tokens, max(1, context // 2))} "
+          f"(a reply gets at most half of the {context}-token context), device: {pool.device_type}", file=sys.stderr)
     print(f"Open http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port)
 

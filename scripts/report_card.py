@@ -142,6 +142,14 @@ def fmt(value, digits=4):
     return str(value)
 
 
+# Bits per byte is only comparable on the same text: the base rows are measured on the
+# pretraining shards, the SFT row on the chat conversations of the SFT val mixture
+PRETRAIN_DATA = "pretraining data"
+CHAT_DATA = "chat data (SFT val mixture)"
+BPB_NOTE = (f"bpb rows say which text they are measured on: {PRETRAIN_DATA} (the val shard of the corpus) "
+            f"for the base model, {CHAT_DATA} for SFT. Numbers on different text are not comparable.")
+
+
 def collect(base_dir, model_tag=None, logs_dir=None, wall_time_s=None):
     """Rows of (stage, metric, value string) for everything found in base_dir."""
     logs_dir = logs_dir or os.path.join(base_dir, "speedrun_logs")
@@ -166,7 +174,7 @@ def collect(base_dir, model_tag=None, logs_dir=None, wall_time_s=None):
                                           f"seq len {cfg.get('sequence_len')}, vocab {cfg.get('vocab_size')}"))
         rows.append(("base", "steps", fmt(step)))
         if meta.get("val_bpb") is not None:
-            rows.append(("base", "val bpb (last training eval)", fmt(meta["val_bpb"])))
+            rows.append(("base", f"val bpb, {PRETRAIN_DATA} (last training eval)", fmt(meta["val_bpb"])))
         train_time = meta.get("loop_state", {}).get("total_training_time")
         if train_time:
             rows.append(("base", "training time (excl. first 10 steps)", f"{train_time / 60:.2f}m"))
@@ -174,7 +182,7 @@ def collect(base_dir, model_tag=None, logs_dir=None, wall_time_s=None):
     for split in ("train", "val"):
         bpb = parse_float_after(base_eval_log, f"{split} bpb:")
         if bpb is not None:
-            rows.append(("base", f"{split} bpb (base_eval)", fmt(bpb)))
+            rows.append(("base", f"{split} bpb, {PRETRAIN_DATA} (base_eval)", fmt(bpb)))
     core = read_core_metric(base_dir, base[1] if base else None)
     if core is not None:
         rows.append(("base", "CORE", fmt(core)))
@@ -185,7 +193,7 @@ def collect(base_dir, model_tag=None, logs_dir=None, wall_time_s=None):
         tag, step, meta = sft
         rows.append(("sft", "steps", fmt(step)))
         if meta.get("val_bpb") is not None:
-            rows.append(("sft", "val bpb", fmt(meta["val_bpb"])))
+            rows.append(("sft", f"val bpb, {CHAT_DATA}", fmt(meta["val_bpb"])))
     sft_time = parse_float_after(log("chat_sft.log"), "Total training time:")
     if sft_time is not None:
         rows.append(("sft", "training time (excl. first 10 steps)", f"{sft_time:.2f}m"))
@@ -222,6 +230,8 @@ def render_markdown(rows, base_dir):
         return "\n".join(lines) + "\n"
     lines += ["| stage | metric | value |", "|---|---|---|"]
     lines += [f"| {stage} | {metric} | {value} |" for stage, metric, value in rows]
+    if any(" bpb, " in metric for _, metric, _ in rows):
+        lines += ["", BPB_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -239,8 +249,15 @@ def main(argv=None):
         raise SystemExit(f"error: base dir {base_dir} does not exist; pass --base-dir or set NANOCHAT_BASE_DIR")
     markdown = render_markdown(collect(base_dir, args.model_tag, args.logs_dir, args.wall_time_s), base_dir)
     out_path = args.out or os.path.join(base_dir, "report.md")
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write(markdown)
+    tmp_path = os.path.join(os.path.dirname(os.path.abspath(out_path)), f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp_path, "w", encoding="utf-8") as f:
+            f.write(markdown)
+        os.replace(tmp_path, out_path)  # a crash never leaves half a report over the last one
+    except OSError as e:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise SystemExit(f"error: cannot write the report to {out_path} ({e.strerror}); pass --out PATH")
     print(markdown, end="")
     print(f"\nReport written to {out_path}")
     return out_path

@@ -9,6 +9,7 @@ our own numbers are always reported.
 Example:
 python -m scripts.tok_eval
 """
+import os
 import sys
 
 from nanochat.tokenizer import get_tokenizer, RustBPETokenizer
@@ -190,9 +191,11 @@ for tokenizer_name, tokenizer in tokenizers.items():
 # -----------------------------------------------------------------------------
 # Report
 
-GREEN = '\033[92m'
-RED = '\033[91m'
-RESET = '\033[0m'
+# colours only on a terminal: speedrun.sh tees this into a log file (upstream always colours)
+_COLOR = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+GREEN = '\033[92m' if _COLOR else ''
+RED = '\033[91m' if _COLOR else ''
+RESET = '\033[0m' if _COLOR else ''
 
 print(f"\nVocab sizes:")
 for key, (label, _) in baselines.items():

@@ -10,16 +10,42 @@ python -m scripts.tok_train
 python -m scripts.tok_train --max-chars=2000000000 --vocab-size=32768
 """
 import os
+import re
 import sys
 import time
+import logging
 import argparse
 import itertools
 
 import torch
 
 from nanochat.tokenizer import RustBPETokenizer, SPECIAL_TOKENS
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, Progress
 from nanochat.dataset import parquets_iter_batched
+
+
+class MergeProgressBar(logging.Filter):
+    """rustbpe logs 'Progress: N% (done/total merges) - Last merge: ...' about a hundred times
+    over a training run; those records become one progress bar, every other record passes."""
+    PATTERN = re.compile(r"Progress: \d+% \((\d+)/(\d+) merges\)")
+
+    def __init__(self):
+        super().__init__()
+        self.bar = None
+
+    def filter(self, record):
+        m = self.PATTERN.match(record.getMessage())
+        if m is None:
+            return True
+        done, total = int(m[1]), int(m[2])
+        if self.bar is None:
+            self.bar = Progress(total, "BPE merges", unit="merges")
+        self.bar.update(done - self.bar.done)
+        return False
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -78,7 +104,10 @@ text_iter = itertools.chain([first_doc], text_iter)
 # Train
 
 t0 = time.time()
+merge_progress = MergeProgressBar()  # upstream shows rustbpe's lines as they are
+logging.getLogger("rustbpe").addFilter(merge_progress)
 tokenizer = RustBPETokenizer.train_from_iterator(text_iter, args.vocab_size)
+merge_progress.close()
 train_time = time.time() - t0
 print(f"Trained on {stats['chars']:,} chars from {stats['docs']:,} docs")
 print(f"Training time: {train_time:.2f}s")

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import scripts.bench_common as bc
 import scripts.bench_train as bt
 import scripts.bench_decode as bd
 
@@ -79,8 +80,8 @@ def test_format_table_plain_and_markdown():
 
 
 def test_cpu_model_and_flag_splitting():
-    assert bt.cpu_model("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n") == "Intel(R) Xeon(R) Processor"
-    assert bt.cpu_model("processor : 0\n") == "unknown CPU"
+    assert bc.cpu_model("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n") == "Intel(R) Xeon(R) Processor"
+    assert bc.cpu_model("processor : 0\n") == "unknown CPU"
     assert bt.split_train_flags(["--repeats", "2", "--", "--depth=12"]) == (["--repeats", "2"], ["--depth=12"])
     assert bt.split_train_flags(["--repeats", "2"]) == (["--repeats", "2"], [])
     cmd = bt.train_command("py", 8, ["--depth=12"], 30, "bench_ours")
@@ -98,17 +99,17 @@ def test_git_commit_only_for_a_checkout_root(tmp_path):
     subprocess.run(git + ["add", "f.txt"], check=True)
     subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
     head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert bt.git_commit(repo) == head
+    assert bc.git_commit(repo) == head
     (repo / "f.txt").write_text("y")
-    assert bt.git_commit(repo) == head + "+dirty"
-    assert bt.git_commit(repo / "sub") is None  # e.g. an upstream archive unpacked inside another repo
-    assert bt.git_commit(tmp_path / "nowhere") is None
+    assert bc.git_commit(repo) == head + "+dirty"
+    assert bc.git_commit(repo / "sub") is None  # e.g. an upstream archive unpacked inside another repo
+    assert bc.git_commit(tmp_path / "nowhere") is None
 
 
 def test_append_section_creates_then_appends(tmp_path):
     doc = tmp_path / "docs" / "benchmarks.md"
-    bt.append_section(doc, "### A\n\nfirst\n")
-    bt.append_section(doc, "### B\n\nsecond")
+    bc.append_section(doc, "### A\n\nfirst\n")
+    bc.append_section(doc, "### B\n\nsecond")
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\n### A\n\nfirst\n\n### B\n\nsecond\n")
 
@@ -119,7 +120,7 @@ def test_bad_upstream_dir_and_bad_step_counts(tmp_path):
     with pytest.raises(ValueError, match="this repo itself"):
         bt.check_upstream_dir(bt.REPO_ROOT)
     with pytest.raises(ValueError, match="--steps 3"):
-        bt.main(["--steps", "3", "--skip", "3", "--no-docs"])
+        bt.main(["--steps", "3", "--skip", "3"])
 
 # -----------------------------------------------------------------------------
 # Orchestration end to end, with stand-ins for the two base_train scripts
@@ -160,7 +161,7 @@ def test_interleaved_comparison_end_to_end(tmp_path, monkeypatch):
     machine = dict(cpu="Test CPU", cores=2, threads=2, torch="2.x", gpu=None, num_gpus=0)
     monkeypatch.setattr(bt, "describe_machine", lambda python: machine)
     result = bt.main(["--upstream-dir", str(upstream), "--steps", "5", "--repeats", "2",
-                      "--python", sys.executable, "--base-dir", str(base)])
+                      "--python", sys.executable, "--base-dir", str(base), "--record"])
     assert result["pooled_ratio"] == pytest.approx(0.95) and result["paired_ratio"] == pytest.approx(0.95)
     assert result["passes"]
     text = doc.read_text()
@@ -221,7 +222,8 @@ def test_cached_and_naive_decoding_agree_on_a_tiny_model():
     torch.manual_seed(0)
     model = bd.build_model(args, torch.device("cpu"))
     assert model.config.sequence_len == 24 + 6 and model.config.n_head == 2
-    engine = bd.Engine(model, bd.NoToolsTokenizer())
+    from nanochat.engine import Engine
+    engine = Engine(model, bd.NoToolsTokenizer())
     prompt = list(range(1, 25))
     # the benchmark's two paths must be doing the same work: identical greedy continuations
     cached = [col[0] for col, _ in engine.generate(prompt, num_samples=1, max_tokens=6, temperature=0.0)]
@@ -239,7 +241,7 @@ def test_decode_main_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     monkeypatch.setattr(bd, "DOCS_PATH", doc)
     monkeypatch.setattr(bd, "describe_machine", lambda python: dict(cpu="Test CPU", cores=2, threads=2, torch="2.x", gpu=None, num_gpus=0))
     rows = bd.main(["--depth=1", "--aspect-ratio=32", "--head-dim=32", "--vocab-size=64", "--contexts=8,16",
-                    "--cached-tokens=4", "--naive-tokens=3", "--repeats=2"])
+                    "--cached-tokens=4", "--naive-tokens=3", "--repeats=2", "--record"])
     assert [(r["context"], r["mode"], r["tokens"], r["repeats"]) for r in rows] == [
         (8, "cached", 4, 2), (8, "naive", 3, 2), (16, "cached", 4, 2), (16, "naive", 3, 2)]
     assert all(len(r["latencies_s"]) == r["tokens"] - 1 for r in rows)
@@ -251,8 +253,85 @@ def test_decode_main_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
 
 def test_decode_main_rejects_bad_flags():
     with pytest.raises(ValueError, match="at least 2"):
-        bd.main(["--naive-tokens=1", "--no-docs"])
+        bd.main(["--naive-tokens=1"])
     with pytest.raises(ValueError, match="comma-separated"):
-        bd.main(["--contexts=big", "--no-docs"])
+        bd.main(["--contexts=big"])
     with pytest.raises(ValueError, match="--repeats"):
-        bd.main(["--repeats=0", "--no-docs"])
+        bd.main(["--repeats=0"])
+
+# -----------------------------------------------------------------------------
+# The command lines a user types: one-line errors, flags before torch, no dirty tree
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run_module(args, env=None, timeout=300):
+    env = dict({k: v for k, v in os.environ.items() if k != "NANOCHAT_DEBUG"},
+               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_megacontext_missing_model_tag_is_one_line(tmp_path):
+    r = _run_module(["scripts.bench_megacontext", "delta-nll", "--model-tag", "nope"],
+                    env={"NANOCHAT_BASE_DIR": str(tmp_path)})
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "base_checkpoints/nope does not exist" in err[0], r.stderr
+
+
+def test_bench_megacontext_missing_gistnet_names_the_command_that_makes_one(tmp_path):
+    r = _run_module(["scripts.bench_megacontext", "ingest", "--model-tag", "cpu_tiny", "--gistnet", str(tmp_path / "mc.pt")])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "python -m nanochat.train --config configs/gistnet_cpu_tiny.yaml" in r.stderr
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("scripts.bench_megacontext", ["delta-nll", "--model-tga", "x"]),
+    ("scripts.bench_decode", ["--contxts=8"]),
+    ("scripts.bench_train", ["--stesp", "3"]),
+])
+def test_bench_flag_typos_are_rejected_before_torch_is_imported(module, argv):
+    probe = ("import runpy, sys\n"
+             f"sys.argv = ['x', *{argv!r}]\n"
+             "try:\n"
+             f"    runpy.run_module({module!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    print('exit', e.code, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.stdout.strip() == "exit 2 False", r.stdout + r.stderr
+    assert "unrecognized arguments" in r.stderr or "required" in r.stderr
+
+
+def test_bench_debug_env_shows_the_traceback(tmp_path):
+    r = _run_module(["scripts.bench_decode", "--repeats=0"], env={"NANOCHAT_DEBUG": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr and "--repeats must be at least 1" in r.stderr
+
+
+def _git_state():
+    status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True).stdout
+    return status, (REPO / "docs" / "benchmarks.md").read_bytes()
+
+
+def test_readme_benchmark_example_leaves_the_checkout_clean():
+    """The README's printing example of bench_decode (shrunk by flags added after it: later flags
+    win) runs, prints its table, and changes no tracked file; --record is what writes."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- benchmark examples -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "README.md lost its '<!-- benchmark examples -->' block"
+    examples = [line.split("#")[0].split() for line in block.group(1).splitlines()
+                if line.startswith("python -m scripts.bench_decode") and "--record" not in line]
+    assert examples
+    before = _git_state()
+    tiny = ["--depth=1", "--aspect-ratio=32", "--head-dim=32", "--vocab-size=64", "--contexts=8",
+            "--cached-tokens=3", "--naive-tokens=2", "--repeats=1"]
+    r = _run_module(examples[0][2:] + tiny)
+    assert r.returncode == 0, r.stderr
+    assert "| context |" not in r.stdout and "cached" in r.stdout and "appended to" not in r.stdout
+    assert _git_state() == before

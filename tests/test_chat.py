@@ -11,6 +11,7 @@ python -m pytest tests/test_chat.py -q
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer, SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parent.parent
-D2 = ["--source=base", "--model_tag=d2", "--device_type=cpu"]  # the fixture checkpoint
+D2 = ["--source=sft", "--model_tag=d2", "--device_type=cpu"]  # the fixture checkpoint, as an SFT model
+D2_BASE = ["--source=base", "--model_tag=d2", "--device_type=cpu"]  # the same, as the base model it is
 
 # -----------------------------------------------------------------------------
 # Fixtures
@@ -58,6 +60,22 @@ def engine(upstream_fixtures, tokenizer):
     model.load_state_dict(torch.load(ckpt / "model_000040.pt", map_location="cpu"), strict=True, assign=True)
     model.eval()
     return Engine(model, tokenizer)
+
+
+@pytest.fixture
+def chat_base_dir(fixture_base_dir):
+    """The fixture base dir with its d2 model also standing in as an SFT checkpoint."""
+    shutil.copytree(fixture_base_dir / "base_checkpoints" / "d2", fixture_base_dir / "chatsft_checkpoints" / "d2")
+    return fixture_base_dir
+
+
+def greedy_continuation(engine, tokenizer, text, max_tokens):
+    """What the engine writes after <|bos|> + text (greedy), as token ids: a base model's reply."""
+    prompt = [tokenizer.get_bos_token_id(), *tokenizer.encode(text)]
+    results, _ = engine.generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
+    reply = results[0][len(prompt):]
+    bos = tokenizer.get_bos_token_id()
+    return reply[:reply.index(bos)] if bos in reply else reply
 
 
 def greedy_reply(engine, text, max_tokens):
@@ -249,7 +267,7 @@ def test_one_shot_prompt_streams_the_reply(fixture_base_dir, engine, tokenizer):
     assert len(out) > 3  # token by token, then the newline
 
 
-def test_demo_config_one_shot(fixture_base_dir, engine, tokenizer, capsys):
+def test_demo_config_one_shot(chat_base_dir, engine, tokenizer, capsys):
     """configs/chat_cpu.yaml parses; with the fixture model swapped in, stdout is the reply alone."""
     chat.main(["--config", "configs/chat_cpu.yaml", *D2, "--temperature=0", "--max-tokens=20", "--prompt", "Hi"])
     captured = capsys.readouterr()
@@ -257,10 +275,60 @@ def test_demo_config_one_shot(fixture_base_dir, engine, tokenizer, capsys):
     assert "Padding vocab_size" in captured.err  # the model's own print went to stderr, off stdout
 
 
+def test_demo_config_defaults_to_the_sft_model(tmp_path, monkeypatch):
+    """configs/chat_cpu.yaml chats with what the CPU preset trains: the SFT cpu_tiny model in
+    ~/.cache/nanochat-cpu (used when NANOCHAT_BASE_DIR is unset; the variable still wins)."""
+    settings, _, _ = hooks.load_run_config(str(REPO / "configs" / "chat_cpu.yaml"), {}, chat.DEFAULTS)
+    settings = chat.validate_settings(settings)
+    assert settings["source"] == "sft" and settings["model_tag"] == "cpu_tiny"
+    assert os.path.expanduser(settings["base_dir"]) == os.path.expanduser("~/.cache/nanochat-cpu")
+    seen = []
+    monkeypatch.setattr(chat, "load_model", lambda *a, **k: seen.append(os.environ["NANOCHAT_BASE_DIR"]) or 1 / 0)
+    monkeypatch.setattr(chat, "compute_init", lambda device_type: (False, 0, 0, 1, torch.device("cpu")))
+    monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
+    with pytest.raises(ZeroDivisionError):
+        chat.load_engine(dict(settings, base_dir=str(tmp_path / "preset")))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "mine"))
+    with pytest.raises(ZeroDivisionError):
+        chat.load_engine(dict(settings, base_dir=str(tmp_path / "preset")))
+    assert seen == [str(tmp_path / "preset"), str(tmp_path / "mine")]
+
+
+def test_base_source_continues_the_text_and_says_so_once(fixture_base_dir, engine, tokenizer, capsys):
+    """A base model gets the text itself (no chat tokens) and continues it; one notice on stderr."""
+    chat.main(["--config", "configs/chat_cpu.yaml", *D2_BASE, "--temperature=0", "--max_tokens=20",
+               "--prompt", "The capital of France is"])
+    captured = capsys.readouterr()
+    assert captured.out == tokenizer.decode(greedy_continuation(engine, tokenizer, "The capital of France is", 20)) + "\n"
+    assert captured.err.count("continues your text instead of chatting") == 1
+
+
+def test_base_repl_continues_each_text_on_its_own(fixture_base_dir, engine, tokenizer, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time\nThe sea\nquit\n"))
+    session = chat.main([*D2_BASE, "--temperature=0", "--max_tokens=12"])
+    captured = capsys.readouterr()
+    assert captured.out.count("Continuation: ") == 2 and "Assistant: " not in captured.out
+    assert captured.err.count("continues your text instead of chatting") == 1
+    # the second text is continued alone: nothing of the first one is in the prompt
+    assert session.render_prompt() == [tokenizer.get_bos_token_id(), *tokenizer.encode("The sea")]
+    assert session.messages[1]["content"] == tokenizer.decode(greedy_continuation(engine, tokenizer, "The sea", 12))
+    with pytest.raises(ValueError, match="text too long for the model's context"):
+        session.add_user_message("word " * 200)
+
+
+def test_chat_cli_keeps_upstream_chat_rendering_for_base(fixture_base_dir, engine, tokenizer, capsys):
+    """scripts/chat_cli mirrors upstream: even a base model's prompt is rendered as a chat."""
+    from scripts import chat_cli
+    chat_cli.main(["-i", "base", "-g", "d2", "-t", "0", "--device-type", "cpu", "-p", "Hi"])
+    captured = capsys.readouterr()
+    assert captured.out == tokenizer.decode(greedy_reply(engine, "Hi", 256)) + "\n"
+    assert "continues your text" not in captured.err
+
+
 @pytest.mark.slow
-def test_python_m_nanochat_chat_one_shot_with_demo_config(fixture_base_dir, engine, tokenizer):
+def test_python_m_nanochat_chat_one_shot_with_demo_config(chat_base_dir, engine, tokenizer):
     """The real entry point in a fresh process: stdout is exactly the reply."""
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(fixture_base_dir), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(chat_base_dir), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "nanochat.chat", "--config", "configs/chat_cpu.yaml", *D2,
            "--temperature=0", "--max_tokens=20", "--prompt", "The capital of France is"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -275,7 +343,7 @@ def test_chat_cli_one_shot(fixture_base_dir, engine, tokenizer, capsys):
     assert capsys.readouterr().out == tokenizer.decode(greedy_reply(engine, "Hello", 256)) + "\n"
 
 
-def test_repl_from_stdin_clear_and_quit(fixture_base_dir, monkeypatch, capsys):
+def test_repl_from_stdin_clear_and_quit(chat_base_dir, monkeypatch, capsys):
     lines = ["first message", "", "clear", "second message", "QUIT", "never read"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
     session = chat.main([*D2, "--temperature=0", "--max_tokens=12"])
@@ -288,7 +356,7 @@ def test_repl_from_stdin_clear_and_quit(fixture_base_dir, monkeypatch, capsys):
     assert [m["content"] for m in session.messages if m["role"] == "user"] == ["second message"]
 
 
-def test_repl_long_conversation_tells_once_and_survives_a_too_long_message(fixture_base_dir, monkeypatch, capsys):
+def test_repl_long_conversation_tells_once_and_survives_a_too_long_message(chat_base_dir, monkeypatch, capsys):
     filler = "please keep talking about the weather and the sea and the mountains " * 2  # 68 tokens
     lines = [filler] * 3 + ["word " * 200, "exit"]  # from the second message on, turns must go
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
@@ -301,7 +369,7 @@ def test_repl_long_conversation_tells_once_and_survives_a_too_long_message(fixtu
     assert len(session.render_prompt()) <= 160
 
 
-def test_repl_ends_cleanly_at_end_of_input(fixture_base_dir, monkeypatch, capsys):
+def test_repl_ends_cleanly_at_end_of_input(chat_base_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
     chat.main([*D2, "--max_tokens=4"])
     assert capsys.readouterr().out.rstrip().endswith("Goodbye!")

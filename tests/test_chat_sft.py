@@ -4,7 +4,10 @@ scripts/chat_sft.py: the packing loader trains exactly the tokens render_convers
 CPU run from the fixture base checkpoint writes a chatsft checkpoint that load_model('sft')
 reads back; bad input is one clear line.
 """
+import io
 import os
+import re
+import contextlib
 import sys
 import json
 import math
@@ -49,10 +52,16 @@ def sft_run(upstream_fixtures, tmp_path_factory):
     """One short SFT run shared by the checks below: --num-iterations=3 is 2 optimizer steps
     (upstream counts the prefetched batch too)."""
     base = make_base_dir(upstream_fixtures, tmp_path_factory.mktemp("sft") / "base")
-    with pytest.MonkeyPatch.context() as mp:
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         offline_env(mp, base)
         summary = chat_sft.main(TINY + ["--num-iterations=3"])
+    print(out.getvalue())
+    SFT_RUN_STDOUT.append(out.getvalue())
     return base, summary
+
+
+SFT_RUN_STDOUT = []  # what sft_run printed, for the log checks
 
 
 @pytest.fixture
@@ -175,6 +184,15 @@ def test_lr_schedule_defaults():
 
 # -----------------------------------------------------------------------------
 # End to end
+
+
+def test_sft_step_lines_end_with_an_eta(sft_run):
+    step_lines = [line for line in SFT_RUN_STDOUT[-1].splitlines() if line.startswith("step ")]
+    assert len(step_lines) == 2
+    etas = [line.rsplit("| eta: ", 1)[1] for line in step_lines]
+    assert all(re.fullmatch(r"\d+\.\dm", eta) for eta in etas), etas
+    assert etas[-1] == "0.0m"  # the last step: nothing left
+    assert "\x1b" not in SFT_RUN_STDOUT[-1]
 
 
 def test_sft_run_writes_a_loadable_checkpoint(sft_run, upstream_fixtures, monkeypatch):

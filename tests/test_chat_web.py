@@ -152,9 +152,11 @@ def test_worker_comes_back_when_the_client_leaves_midway(server):
 def test_health_and_stats(server):
     health = httpx.get(server.url + "/health", timeout=10).json()
     assert health["status"] == "ok" and health["ready"] is True
-    assert health["num_gpus"] == 1 and health["available_workers"] == 1
+    # on CPU: one worker and no GPU; the default reply length is what the 160-token model can give
+    assert health["num_gpus"] == 0 and health["num_workers"] == 1 and health["available_workers"] == 1
     assert health["model"] == {"source": "base", "depth": 2, "step": 40, "sequence_len": 160, "device": "cpu"}
-    assert health["defaults"] == {"temperature": 0.8, "top_k": 50, "max_tokens": 512}
+    assert health["defaults"] == {"temperature": 0.8, "top_k": 50, "max_tokens": 80}
+    assert health["limits"] == {"temperature": [0.0, 2.0], "top_k": [0, 200], "max_tokens": [1, 80]}
     before = httpx.get(server.url + "/stats", timeout=10).json()
     post_events(server, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
     after = httpx.get(server.url + "/stats", timeout=10).json()
@@ -297,8 +299,8 @@ def test_page_screenshot_in_headless_chromium(server, tmp_path):
 def test_page_scripts_run_against_the_server(server, tmp_path):
     # after load the page asks /health and shows the model in the header
     dom = run_chromium(tmp_path, server.url + "/", "--dump-dom").stdout
-    assert "base \u00b7 d2 \u00b7 step 40 \u00b7 cpu \u00b7 1 worker" in dom
-    assert "temperature 0.8" in dom
+    assert "base \u00b7 d2 \u00b7 step 40 \u00b7 cpu \u00b7 1 worker \u00b7 160-token context" in dom
+    assert "temperature 0.8" in dom and "max tokens 80 (of a 160-token context)" in dom
     # /?q= sends the question: it shows as the user's bubble and reaches the server as a chat request
     served = httpx.get(server.url + "/stats", timeout=10).json()["workers"][0]["requests_served"]
     dom = run_chromium(tmp_path, server.url + "/?q=Hello%20from%20Chromium", "--dump-dom").stdout

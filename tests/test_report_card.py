@@ -79,17 +79,19 @@ def test_report_lists_every_stage(run_dir, capsys):
     assert rows[("tokenizer", "training time")] == "12.3s"
     assert rows[("base", "model")] == "cpu_tiny: depth 4, width 256, seq len 256, vocab 4096"
     assert rows[("base", "steps")] == "150"
-    assert rows[("base", "val bpb (last training eval)")] == "1.8750"
+    assert rows[("base", "val bpb, pretraining data (last training eval)")] == "1.8750"
     assert rows[("base", "training time (excl. first 10 steps)")] == "1.50m"
-    assert rows[("base", "train bpb (base_eval)")] == "1.9000"
-    assert rows[("base", "val bpb (base_eval)")] == "1.9500"
+    assert rows[("base", "train bpb, pretraining data (base_eval)")] == "1.9000"
+    assert rows[("base", "val bpb, pretraining data (base_eval)")] == "1.9500"
     assert rows[("base", "CORE")] == "0.1235"
-    assert rows[("sft", "steps")] == "12" and rows[("sft", "val bpb")] == "1.5000"
+    assert rows[("sft", "steps")] == "12" and rows[("sft", "val bpb, chat data (SFT val mixture)")] == "1.5000"
     assert rows[("sft", "training time (excl. first 10 steps)")] == "0.50m"
     assert rows[("chat eval (sft)", "ARC-Easy accuracy")] == "0.2500"
     assert rows[("chat eval (sft)", "GSM8K accuracy")] == "0.0000"
     assert ("chat eval (sft)", "ChatCORE") not in rows  # not every task was evaluated
     assert rows[("run", "wall-clock time")] == "5.0m"
+    # SFT bpb (chat text) sits beside base bpb (corpus text): the card says they differ in data
+    assert "Numbers on different text are not comparable." in markdown.split("| run |")[1]
 
 
 def test_newest_model_tag_wins_unless_one_is_named(run_dir):

@@ -1,7 +1,9 @@
 """
-Specification of `python -m megacontext.inspect DIR`: it prints each level's header,
+Specification of `python -m megacontext.ctxinspect DIR`: it prints each level's header,
 committed counts, stored and recomputed checksums and model identity, flags damage with
-a non-zero exit status, and never changes the files it looks at.
+a non-zero exit status, and never changes the files it looks at. The GistNet appears as its
+identity string (from tree.json) and its stored id. No module of our packages shadows a
+standard-library module (megacontext.inspect did).
 """
 import json
 import os
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megacontext.inspect import main
+from megacontext.ctxinspect import main
 from megacontext.storage import HEADER_SIZE, MAGIC, create_tree_dir, gistnet_id, open_ctx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +56,9 @@ def test_prints_header_counts_checksums_and_identity(tree, capsys):
     assert "70 committed x 32 bytes, covering 2240 tokens" in out    # LOD1
     assert "2 committed x 32 bytes, covering 2048 tokens" in out     # LOD2
     assert out.count("'d20'") == 3
-    assert out.count(f"gistnet id 0x{gistnet_id('gistnet-a'):08X}") == 2
+    # storage alone writes no tree.json: the id is shown, the identity string is unknown
+    assert out.count(f"gistnet   id 0x{gistnet_id('gistnet-a'):08X} (identity string unknown") == 2
+    assert "gistnet   none (token ids)" in out
     crc = open_ctx(tree / "LOD1.ctx").commit_info["payload_crc32"]
     assert f"crc32 stored 0x{crc:08X} computed 0x{crc:08X}: OK" in out
     assert "tree: consistent" in out
@@ -130,7 +134,33 @@ def test_missing_or_empty_directory(tmp_path, capsys):
 
 def test_runs_as_a_module(tree):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, "-m", "megacontext.inspect", str(tree)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "megacontext.ctxinspect", str(tree)], capture_output=True,
                           text=True, env=env, cwd=REPO_ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "LOD2.ctx" in proc.stdout and "tree: consistent" in proc.stdout
+
+
+def test_a_tree_shows_the_gistnet_identity_string_and_id(tmp_path, capsys):
+    """A tree made by megacontext.tree (as ingest makes it) names its GistNet in tree.json:
+    inspect prints that identity string beside the id the gist files store."""
+    from megacontext.tree import MegaContextTree
+    name = "gistnet:attn:d16:abc123"
+    with MegaContextTree.create(tmp_path / "t", "d20", 16, name, durable=False):
+        pass
+    rc, out, _ = run_main(capsys, tmp_path / "t")
+    assert rc == 0
+    assert out.count(f"gistnet   {name!r} (id 0x{gistnet_id(name):08X})") == 2
+    report = json.loads((run_main(capsys, tmp_path / "t", "--json"))[1])
+    assert [f["gistnet_name"] for f in report["files"]] == [None, name, name]
+    assert report["files"][1]["gistnet_name_matches"] is True
+    # a tree.json that names another GistNet than the files' id is pointed out
+    meta = json.loads((tmp_path / "t" / "tree.json").read_text())
+    (tmp_path / "t" / "tree.json").write_text(json.dumps(dict(meta, gistnet_name="someone-else")))
+    rc, out, _ = run_main(capsys, tmp_path / "t")
+    assert "'someone-else' (id 0x" in out and "names another GistNet" in out
+
+
+def test_no_module_shadows_the_standard_library():
+    shadows = [f"{pkg}/{p.name}" for pkg in ("megacontext", "nanochat", "scripts", "tasks")
+               for p in (REPO_ROOT / pkg).glob("*.py") if p.stem in sys.stdlib_module_names]
+    assert shadows == []
