@@ -76,6 +76,8 @@ def test_report_has_every_key_of_the_schema(report, tmp_path):
     assert set(report["tasks"]) == {"passkey", "needle", "repeat", "assoc", "vartrack"}
     assert set(report["tasks"]["assoc"]["recency"]) == {"accuracy", "answer_nll", "n"}
     assert set(report["testbed"]) == {"nll_gap_synthetic", "nll_gap_natural", "passkey_full"}
+    same = report["oracle_subset"]["bpb_gist_uniform_same_positions"]  # the oracle ran on 2 of 3 positions
+    assert all(report["bpb"]["oracle"][h] <= v + 1e-9 for h, v in same.items())
     assert report["documents"]["skipped"]["tiny"] == 40  # shorter than 8W + H: skipped and counted
     paths = mceval.write_report(report, str(tmp_path))
     assert json.loads((tmp_path / "report.json").read_text())["budget_tokens"] == 64
