@@ -539,7 +539,9 @@ def record_side(root, workspace, out_dir, items, eager):
     ws = out_dir / "workspace"
     shutil.copytree(workspace, ws)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NANOCHAT_DTYPE")}
-    env.update(NANOCHAT_BASE_DIR=str(ws), CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", WANDB_MODE="disabled")
+    # no __pycache__ written into either checkout
+    env.update(NANOCHAT_BASE_DIR=str(ws), CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", WANDB_MODE="disabled",
+               PYTHONDONTWRITEBYTECODE="1")
     if eager:
         env["TORCHDYNAMO_DISABLE"] = "1"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--record", str(root), "--workspace", str(ws),

@@ -72,6 +72,7 @@ def test_names_each_change_and_compares_what_it_can(tmp_path):
         assert (out / side / "model_init.pkl").is_file() and (out / side / "log.txt").is_file()
     assert (out / "upstream" / "dataloader.error").is_file() and (out / "ours" / "dataloader.pkl").is_file()
     assert sorted(p.name for p in up.iterdir()) == ["nanochat", "scripts"]
+    assert not list(up.rglob("__pycache__"))
 
 
 def test_unchanged_tree_is_all_same_and_exits_zero(tmp_path):
