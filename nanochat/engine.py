@@ -40,10 +40,10 @@ def timeout(duration, formula):
         yield
         return
 
-    def on_alarm(signum, frame):
+    def timeout_handler(signum, frame):
         raise Exception(f"'{formula}': timed out after {duration} seconds")
 
-    previous_handler = signal.signal(signal.SIGALRM, on_alarm)
+    previous_handler = signal.signal(signal.SIGALRM, timeout_handler)
     signal.alarm(duration)
     try:
         yield
@@ -61,17 +61,10 @@ def eval_with_timeout(formula, max_time=3):
                 # e.g. "2 (3)" warns that an int is not callable before failing: stay quiet
                 warnings.simplefilter("ignore", SyntaxWarning)
                 return eval(formula, {"__builtins__": {}}, {})
-    except Exception:
+    except Exception as e:  # noqa: F841 - upstream's name; the alarm is already cancelled by timeout()
         # a model that misuses the calculator just gets no output back
         return None
 
-
-# Words that must never reach eval() through the string path of use_calculator.
-_FORBIDDEN_WORDS = ('__', 'import', 'exec', 'eval', 'compile', 'open', 'file',
-                    'input', 'raw_input', 'globals', 'locals', 'vars', 'dir',
-                    'getattr', 'setattr', 'delattr', 'hasattr')
-_MATH_CHARS = set("0123456789*+-/.() ")
-_STRING_OP_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
 
 
 def use_calculator(expr):
@@ -84,15 +77,21 @@ def use_calculator(expr):
     """
     expr = expr.replace(",", "")
 
-    if all(ch in _MATH_CHARS for ch in expr):
+    # arithmetic
+    if all([x in "0123456789*+-/.() " for x in expr]):
         if "**" in expr:
             return None
         return eval_with_timeout(expr)
 
-    if not all(ch in _STRING_OP_CHARS for ch in expr):
+    # string letter counting: only these characters, none of these words
+    allowed_chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ "
+    if not all([x in allowed_chars for x in expr]):
         return None
-    lowered = expr.lower()
-    if any(word in lowered for word in _FORBIDDEN_WORDS):
+    dangerous_patterns = ['__', 'import', 'exec', 'eval', 'compile', 'open', 'file',
+                          'input', 'raw_input', 'globals', 'locals', 'vars', 'dir',
+                          'getattr', 'setattr', 'delattr', 'hasattr']
+    expr_lower = expr.lower()
+    if any(pattern in expr_lower for pattern in dangerous_patterns):
         return None
     # .count() is the only method we let through for now
     if '.count(' not in expr:
@@ -152,11 +151,11 @@ class KVCache:
         assert (self.n_layers, self.n_heads, self.head_dim) == (other.n_layers, other.n_heads, other.head_dim), \
             "KV cache shapes differ (layers, kv heads, head dim)"
         assert self.max_seq_len >= other.max_seq_len, "destination KV cache is shorter than the source"
-        pos = other.get_pos()
+        other_pos = other.get_pos()
         # other's batch dim (1 in the engine) broadcasts over our rows
-        self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
-        self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
-        self.cache_seqlens.fill_(pos)
+        self.k_cache[:, :, :other_pos, :, :] = other.k_cache[:, :, :other_pos, :, :]
+        self.v_cache[:, :, :other_pos, :, :] = other.v_cache[:, :, :other_pos, :, :]
+        self.cache_seqlens.fill_(other_pos)
         if other.prev_embedding is not None:
             # a real copy per row, the rows will diverge from the next token on
             self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
@@ -177,12 +176,15 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and top_k > 0:
         k = min(top_k, logits.size(-1))
-        top_vals, top_idx = torch.topk(logits, k, dim=-1)
-        probs = F.softmax(top_vals / temperature, dim=-1)
+        vals, idx = torch.topk(logits, k, dim=-1)
+        vals = vals / temperature
+        probs = F.softmax(vals, dim=-1)
         choice = torch.multinomial(probs, num_samples=1, generator=rng)  # index into the top k
-        return top_idx.gather(1, choice)
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)
+        return idx.gather(1, choice)
+    else:
+        logits = logits / temperature
+        probs = F.softmax(logits, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=rng)
 
 # -----------------------------------------------------------------------------
 # Generation
@@ -214,7 +216,7 @@ class Engine:
         Stops after max_tokens steps, when all rows are finished, or when the model's
         KV cache is full (max_tokens=None: up to the model's sequence_len).
         """
-        if not (isinstance(tokens, list) and len(tokens) > 0 and all(isinstance(t, int) for t in tokens)):
+        if not (isinstance(tokens, list) and len(tokens) > 0 and all(isinstance(t, int) for t in tokens)):  # ours: clear errors
             raise ValueError("Engine.generate expects the prompt as a non-empty list of int token ids")
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
@@ -225,87 +227,100 @@ class Engine:
         rng.manual_seed(seed)
 
         # special tokens that drive the tool-use state machine and end rows
-        special = self.tokenizer.encode_special
-        python_start = special("<|python_start|>")
-        python_end = special("<|python_end|>")
-        output_start = special("<|output_start|>")
-        output_end = special("<|output_end|>")
-        assistant_end = special("<|assistant_end|>")
+        get_special = lambda s: self.tokenizer.encode_special(s)
+        python_start = get_special("<|python_start|>")
+        python_end = get_special("<|python_end|>")
+        output_start = get_special("<|output_start|>")
+        output_end = get_special("<|output_end|>")
+        assistant_end = get_special("<|assistant_end|>")
         bos = self.tokenizer.get_bos_token_id()
 
         # 1) one batch-1 forward over the whole prompt fills a prompt-sized cache
-        cfg = self.model.config
-        cache_dims = dict(num_heads=cfg.n_kv_head, head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer)
-        prompt_cache = KVCache(batch_size=1, seq_len=len(tokens), device=device, dtype=dtype, **cache_dims)
+        m = self.model.config
+        kv_model_kwargs = {"num_heads": m.n_kv_head, "head_dim": m.n_embd // m.n_head, "num_layers": m.n_layer}
+        kv_cache_prefill = KVCache(
+            batch_size=1,
+            seq_len=len(tokens),
+            device=device,
+            dtype=dtype,
+            **kv_model_kwargs,
+        )
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model.forward(ids, kv_cache=prompt_cache)
+        logits = self.model.forward(ids, kv_cache=kv_cache_prefill)
         # every row samples its own first token from the same distribution
         logits = logits[:, -1, :].expand(num_samples, -1)  # (num_samples, vocab_size)
 
         # 2) a cache with num_samples rows and room for the continuation, seeded from the prompt
-        if max_tokens is not None:
-            decode_len = len(tokens) + max_tokens
-        else:
-            decode_len = max(cfg.sequence_len, len(tokens))
-        decode_cache = KVCache(batch_size=num_samples, seq_len=decode_len, device=device, dtype=dtype, **cache_dims)
-        decode_cache.prefill(prompt_cache)
-        del prompt_cache
+        # (ours: with max_tokens=None, never shorter than the prompt)
+        kv_length_hint = (len(tokens) + max_tokens) if max_tokens is not None else max(self.model.config.sequence_len, len(tokens))
+        kv_cache_decode = KVCache(
+            batch_size=num_samples,
+            seq_len=kv_length_hint,
+            device=device,
+            dtype=dtype,
+            **kv_model_kwargs,
+        )
+        kv_cache_decode.prefill(kv_cache_prefill)
+        del kv_cache_prefill
 
         # 3) per-row state
-        rows = [RowState(tokens.copy()) for _ in range(num_samples)]
+        row_states = [RowState(tokens.copy()) for _ in range(num_samples)]
 
         # 4) decode loop: sample, apply forced tokens and tool logic, yield, feed back
         num_generated = 0
         while True:
             if max_tokens is not None and num_generated >= max_tokens:
                 break
-            if all(row.completed for row in rows):
+            if all(state.completed for state in row_states):
                 break
 
             # every row draws a sample (even rows about to be forced), so the rng
             # stream does not depend on what the tool does
-            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
+            next_ids = sample_next_token(logits, rng, temperature, top_k)  # (B, 1)
+            sampled_tokens = next_ids[:, 0].tolist()
 
-            token_column = []
-            token_masks = []
-            for i, row in enumerate(rows):
-                forced = len(row.forced_tokens) > 0
-                token = row.forced_tokens.popleft() if forced else sampled[i]
-                token_column.append(token)
-                token_masks.append(0 if forced else 1)
-                row.current_tokens.append(token)
-                if token == assistant_end or token == bos:
-                    row.completed = True
+            token_column = []  # the next token of every row
+            token_masks = []  # 1 = sampled, 0 = forced by the tool
+            for i, state in enumerate(row_states):
+                is_forced = len(state.forced_tokens) > 0
+                token_masks.append(0 if is_forced else 1)
+                next_token = state.forced_tokens.popleft() if is_forced else sampled_tokens[i]
+                token_column.append(next_token)
+                state.current_tokens.append(next_token)
+                if next_token == assistant_end or next_token == bos:
+                    state.completed = True
                 # calculator tool state machine
-                if token == python_start:
-                    row.in_python_block = True
-                    row.python_expr_tokens = []
-                elif token == python_end and row.in_python_block:
-                    row.in_python_block = False
-                    if row.python_expr_tokens:
-                        expr = self.tokenizer.decode(row.python_expr_tokens)
+                if next_token == python_start:
+                    state.in_python_block = True
+                    state.python_expr_tokens = []
+                elif next_token == python_end and state.in_python_block:
+                    state.in_python_block = False
+                    if state.python_expr_tokens:
+                        expr = self.tokenizer.decode(state.python_expr_tokens)
                         result = use_calculator(expr)
                         if result is not None:
-                            row.forced_tokens.append(output_start)
-                            row.forced_tokens.extend(self.tokenizer.encode(str(result)))
-                            row.forced_tokens.append(output_end)
-                    row.python_expr_tokens = []
-                elif row.in_python_block:
-                    row.python_expr_tokens.append(token)
+                            result_tokens = self.tokenizer.encode(str(result))
+                            state.forced_tokens.append(output_start)
+                            state.forced_tokens.extend(result_tokens)
+                            state.forced_tokens.append(output_end)
+                    state.python_expr_tokens = []
+                elif state.in_python_block:
+                    state.python_expr_tokens.append(next_token)
 
             yield token_column, token_masks
             num_generated += 1
 
-            # Skip the forward whose logits would never be used (the same stop tests as
-            # at the top of the loop), and stop cleanly when the cache has no room left.
+            # ours: skip the forward whose logits would never be used (the same stop tests
+            # as at the top of the loop), and stop cleanly when the cache has no room left
             if max_tokens is not None and num_generated >= max_tokens:
                 break
-            if all(row.completed for row in rows):
+            if all(state.completed for state in row_states):
                 break
-            if decode_cache.get_pos() >= decode_cache.max_seq_len:
+            if kv_cache_decode.get_pos() >= kv_cache_decode.max_seq_len:
                 break
+
             ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
-            logits = self.model.forward(ids, kv_cache=decode_cache)[:, -1, :]  # (B, vocab_size)
+            logits = self.model.forward(ids, kv_cache=kv_cache_decode)[:, -1, :]  # (B, vocab_size)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """
@@ -317,17 +332,16 @@ class Engine:
         bos = self.tokenizer.get_bos_token_id()
         results = [tokens.copy() for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
-        done = [False] * num_samples
+        completed = [False] * num_samples
         for token_column, token_masks in self.generate(tokens, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(token_column, token_masks)):
-                if done[i]:
-                    continue
-                if token == assistant_end or token == bos:
-                    done[i] = True
-                else:
-                    results[i].append(token)
-                    masks[i].append(mask)
-            if all(done):
+                if not completed[i]:
+                    if token == assistant_end or token == bos:
+                        completed[i] = True
+                    else:
+                        results[i].append(token)
+                        masks[i].append(mask)
+            if all(completed):
                 break
         return results, masks
 

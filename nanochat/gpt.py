@@ -64,11 +64,11 @@ def apply_rotary_emb(x, cos, sin):
     # x is (B, T, H, D); the two halves of D form the rotated pairs. The sign convention
     # (rotating by -theta) only has to agree between q and k, and existing checkpoints use it.
     assert x.ndim == 4, "apply_rotary_emb expects a (B, T, H, D) tensor"
-    half = x.shape[3] // 2
-    a, b = x[..., :half], x[..., half:]
-    out_a = a * cos + b * sin
-    out_b = a * (-sin) + b * cos
-    return torch.cat([out_a, out_b], 3)
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], 3)
 
 
 class CausalSelfAttention(nn.Module):
@@ -181,7 +181,7 @@ class GPT(nn.Module):
         # optimizer state and tests rely on: direct Parameters first, then submodules.
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(padded_vocab_size, config.n_embd),
-            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            "h": nn.ModuleList([Block(config, layer_idx) for layer_idx in range(config.n_layer)]),
         })
         self.lm_head = Linear(config.n_embd, padded_vocab_size, bias=False)
         # Learnable per-layer scalars, kept as separate Parameters so the optimizer can
@@ -262,7 +262,8 @@ class GPT(nn.Module):
                 torch.nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
 
         head_dim = self.config.n_embd // self.config.n_head
-        self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
+        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
+        self.cos, self.sin = cos, sin
 
         # The embedding tables are stored in the compute dtype to save memory (the optimizer
         # copes fine). Not for fp16 though: GradScaler cannot unscale fp16 gradients.
@@ -275,13 +276,15 @@ class GPT(nn.Module):
         """cos/sin tables of shape (1, seq_len, 1, head_dim/2) in COMPUTE_DTYPE."""
         if device is None:
             device = self.transformer.wte.weight.device  # meta in __init__, real in init_weights
-        channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-        inv_freq = 1.0 / (base ** (channels / head_dim))
-        positions = torch.arange(seq_len, dtype=torch.float32, device=device)
-        angles = torch.outer(positions, inv_freq)  # (seq_len, head_dim/2)
-        cos, sin = angles.cos().to(COMPUTE_DTYPE), angles.sin().to(COMPUTE_DTYPE)
+        channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel_range / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)  # (seq_len, head_dim/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = cos.to(COMPUTE_DTYPE), sin.to(COMPUTE_DTYPE)
         # leading batch dim and a head dim in the middle, to broadcast against (B, T, H, D/2)
-        return cos[None, :, None, :], sin[None, :, None, :]
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        return cos, sin
 
     def _compute_window_sizes(self, config):
         """
@@ -297,8 +300,14 @@ class GPT(nn.Module):
             raise ValueError(f"Invalid window_pattern: {config.window_pattern!r}. Use only S and L.")
         long_window = config.sequence_len
         short_window = -(-long_window // 4 // 128) * 128
-        size_of = {"L": (long_window, 0), "S": (short_window, 0)}
-        window_sizes = [size_of[pattern[i % len(pattern)]] for i in range(config.n_layer)]
+        char_to_window = {
+            "L": (long_window, 0),
+            "S": (short_window, 0),
+        }
+        window_sizes = []
+        for layer_idx in range(config.n_layer):
+            char = pattern[layer_idx % len(pattern)]
+            window_sizes.append(char_to_window[char])
         window_sizes[-1] = (long_window, 0)
         return window_sizes
 
@@ -315,10 +324,12 @@ class GPT(nn.Module):
         """
         h, q, t = self.config.n_head, self.config.n_embd // self.config.n_head, self.config.sequence_len
         attn_flops = 0
-        for left, _ in self.window_sizes:
-            span = t if left < 0 else min(left, t)
-            attn_flops += 12 * h * q * span
-        return 6 * self.num_matmul_params() + attn_flops
+        for window_size in self.window_sizes:
+            window = window_size[0]  # left
+            effective_seq = t if window < 0 else min(window, t)
+            attn_flops += 12 * h * q * effective_seq
+        num_flops_per_token = 6 * self.num_matmul_params() + attn_flops
+        return num_flops_per_token
 
     def num_matmul_params(self):
         """
@@ -327,15 +338,17 @@ class GPT(nn.Module):
         per-layer scalars do not, so counting linear-layer weights is exact. We count any
         nn.Linear (not only our Linear) so the figure is unchanged after the fp8 module swap.
         """
-        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return matmul_params
 
     def estimate_decode_flops(self, context_len):
         """Forward FLOPs for decoding one token with `context_len` tokens of context:
         2 per matmul parameter plus attention over min(context_len, window) keys per layer."""
         h = self.config.n_head
         q = self.config.n_embd // self.config.n_head
-        attn_flops = sum(4 * h * q * min(context_len, left) for left, _ in self.window_sizes)
-        return 2 * self.num_matmul_params() + attn_flops
+        attn_flops = sum(4 * h * q * min(context_len, window) for window, _ in self.window_sizes)
+        decode_flops = 2 * self.num_matmul_params() + attn_flops
+        return decode_flops
 
     def estimate_prefill_flops(self, num_tokens):
         """Forward FLOPs for prefilling `num_tokens` tokens. Causal: token t attends to
@@ -343,23 +356,28 @@ class GPT(nn.Module):
         h = self.config.n_head
         q = self.config.n_embd // self.config.n_head
         attn_flops = 0
-        for left, _ in self.window_sizes:
-            w = min(left, num_tokens)
-            attended = w * (w + 1) // 2 + (num_tokens - w) * w
-            attn_flops += 4 * h * q * attended
-        return 2 * self.num_matmul_params() * num_tokens + attn_flops
+        for window, _ in self.window_sizes:
+            w = min(window, num_tokens)
+            attended_tokens = w * (w + 1) // 2 + (num_tokens - w) * w
+            attn_flops += 4 * h * q * attended_tokens
+        prefill_flops = 2 * self.num_matmul_params() * num_tokens + attn_flops
+        return prefill_flops
 
     def kv_bytes_per_token(self):
         """KV-cache bytes stored per token per batch row, over all layers (cache is in COMPUTE_DTYPE)."""
         head_dim = self.config.n_embd // self.config.n_head
-        return self.config.n_layer * 2 * self.config.n_kv_head * head_dim * COMPUTE_DTYPE.itemsize
+        kv_dtype_bytes = COMPUTE_DTYPE.itemsize
+        return self.config.n_layer * 2 * self.config.n_kv_head * head_dim * kv_dtype_bytes
 
     def kv_read_bytes(self, context_len):
         """KV-cache bytes one decode step reads per batch row at `context_len`; windowed
         layers read only their last `window` tokens."""
         head_dim = self.config.n_embd // self.config.n_head
-        per_token = 2 * self.config.n_kv_head * head_dim * COMPUTE_DTYPE.itemsize
-        return sum(per_token * min(context_len, left) for left, _ in self.window_sizes)
+        kv_dtype_bytes = COMPUTE_DTYPE.itemsize
+        total = 0
+        for window, _ in self.window_sizes:
+            total += 2 * self.config.n_kv_head * head_dim * kv_dtype_bytes * min(context_len, window)
+        return total
 
     def num_scaling_params(self):
         """
@@ -414,8 +432,9 @@ class GPT(nn.Module):
         ]
         # Muon works on stacks of same-shaped matrices, so one group per distinct shape
         for shape in sorted({p.shape for p in matrix_params}):
+            group_params = [p for p in matrix_params if p.shape == shape]
             param_groups.append(dict(
-                kind='muon', params=[p for p in matrix_params if p.shape == shape], lr=matrix_lr,
+                kind='muon', params=group_params, lr=matrix_lr,
                 momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay,
             ))
 
@@ -455,24 +474,24 @@ class GPT(nn.Module):
             x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         else:
             # the cache carries the last embedding across calls so decode can smear too
-            prev = kv_cache.prev_embedding
+            x_pre_smear = kv_cache.prev_embedding
             kv_cache.prev_embedding = x[:, -1:, :]
             if T > 1:
                 # prefill: same as training within the chunk
                 gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))
                 x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
-            elif prev is not None:
+            elif x_pre_smear is not None:
                 # single-token decode: the previous token comes from the cache
                 gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, :, :24]))
-                x = x + gate * prev
+                x = x + gate * x_pre_smear
 
         x0 = x
-        backout_layer = self.config.n_layer // 2
+        n_layer = self.config.n_layer
+        backout_layer = n_layer // 2
         x_backout = None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            key = str(i)
-            ve = self.value_embeds[key](idx).to(x.dtype) if key in self.value_embeds else None
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, cos_sin, self.window_sizes[i], kv_cache)
             if i == backout_layer:
                 x_backout = x
@@ -486,10 +505,11 @@ class GPT(nn.Module):
         logits = logits.float()  # softcap and loss in fp32
         logits = softcap * torch.tanh(logits / softcap)
 
-        if targets is None:
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=loss_reduction)
+            return loss
+        else:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
-                               ignore_index=-1, reduction=loss_reduction)
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
@@ -507,14 +527,17 @@ class GPT(nn.Module):
             rng.manual_seed(seed)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            logits = self.forward(ids)[:, -1, :]  # (1, vocab_size)
+            logits = self.forward(ids)  # (1, T, vocab_size)
+            logits = logits[:, -1, :]  # (1, vocab_size)
             if top_k is not None and top_k > 0:
-                topv, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < topv[:, [-1]]] = -float('Inf')
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('Inf')
             if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
+                logits = logits / temperature
+                probs = F.softmax(logits, dim=-1)
                 next_ids = torch.multinomial(probs, num_samples=1, generator=rng)
             else:
                 next_ids = torch.argmax(logits, dim=-1, keepdim=True)
             ids = torch.cat((ids, next_ids), dim=1)
-            yield next_ids.item()
+            token = next_ids.item()
+            yield token

@@ -50,23 +50,24 @@ def adamw_step_fused(
     # terms like (1 - beta2) exact and avoids mixed-dtype ops that MPS rejects; the
     # casts are free when everything is already fp32 and fuse away under compile.
     p32 = p.float()
-    m32 = exp_avg.float()
-    v32 = exp_avg_sq.float()
-    g32 = grad.float()
+    exp_avg32 = exp_avg.float()
+    exp_avg_sq32 = exp_avg_sq.float()
+    grad32 = grad.float()
     # decoupled weight decay, applied to the weights before the gradient step
     p32.mul_(1 - lr_t * wd_t)
     # moment estimates as lerps (m += (1-beta1)(g - m)), which fuse into one pass
-    m32.lerp_(g32, 1 - beta1_t)
-    v32.lerp_(g32.square(), 1 - beta2_t)
+    exp_avg32.lerp_(grad32, 1 - beta1_t)
+    exp_avg_sq32.lerp_(grad32.square(), 1 - beta2_t)
     # undo the bias of the zero-initialised moments
-    m_correction = 1 - beta1_t ** step_t
-    v_correction = 1 - beta2_t ** step_t
-    denom = (v32 / v_correction).sqrt() + eps_t
-    p32.add_(m32 / denom, alpha=-(lr_t / m_correction))
+    bias1 = 1 - beta1_t ** step_t
+    bias2 = 1 - beta2_t ** step_t
+    denom = (exp_avg_sq32 / bias2).sqrt() + eps_t
+    step_size = lr_t / bias1
+    p32.add_(exp_avg32 / denom, alpha=-step_size)
     # store results in the original tensors (a no-op copy for fp32 storage)
     p.copy_(p32)
-    exp_avg.copy_(m32)
-    exp_avg_sq.copy_(v32)
+    exp_avg.copy_(exp_avg32)
+    exp_avg_sq.copy_(exp_avg_sq32)
 
 # -----------------------------------------------------------------------------
 # Muon (https://kellerjordan.github.io/posts/muon/)
@@ -119,107 +120,61 @@ def muon_step_fused(
 ) -> None:
     """One Muon update of a stack of equally shaped matrices, in place."""
     # --- Nesterov momentum: buf <- lerp(buf, g, 1-mu); update <- lerp(g, buf, mu)
-    mu = momentum_t.to(stacked_grads.dtype)
-    momentum_buffer.lerp_(stacked_grads, 1 - mu)
-    update = stacked_grads.lerp_(momentum_buffer, mu)
+    momentum = momentum_t.to(stacked_grads.dtype)
+    momentum_buffer.lerp_(stacked_grads, 1 - momentum)
+    g = stacked_grads.lerp_(momentum_buffer, momentum)
 
     # The matmuls run in bf16 when that is the compute dtype (fast on tensor cores);
     # fp16 is never used here, its exponent range is too narrow for the iteration.
-    X = update.bfloat16() if COMPUTE_DTYPE == torch.bfloat16 else update
+    X = g.bfloat16() if COMPUTE_DTYPE == torch.bfloat16 else g
 
     # --- MuonEq: give every row the mean row norm (norms taken in fp32)
-    mean_row_norm = X.float().norm(dim=(-2, -1), keepdim=True) / (X.size(-2) ** 0.5)
-    row_norms = X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    X = X * (mean_row_norm / row_norms).to(X.dtype)
+    target = X.float().norm(dim=(-2, -1), keepdim=True) / (X.size(-2) ** 0.5)
+    row_norm = X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    X = X * (target / row_norm).to(X.dtype)
 
     # --- Polar Express. Scale so the spectral norm is below 1 (Frobenius bounds it;
     # the 1.01 leaves margin for bf16 rounding), then iterate on the smaller Gram
     # matrix: X^T X for tall matrices, X X^T for wide ones.
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
-    if update.size(-2) > update.size(-1):
+    if g.size(-2) > g.size(-1):
         for a, b, c in polar_express_coeffs[:ns_steps]:
-            gram = X.mT @ X
-            poly = b * gram + c * (gram @ gram)
-            X = a * X + X @ poly
+            A = X.mT @ X
+            B = b * A + c * (A @ A)
+            X = a * X + X @ B
     else:
         for a, b, c in polar_express_coeffs[:ns_steps]:
-            gram = X @ X.mT
-            poly = b * gram + c * (gram @ gram)
-            X = a * X + poly @ X
+            A = X @ X.mT
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
     # back to the parameter dtype before the elementwise tail (MPS rejects mixed dtypes)
-    update = X.to(stacked_params.dtype)
+    g = X.to(stacked_params.dtype)
 
     # --- Muon+: Frobenius norm of a semi-orthogonal (rows x cols) matrix
-    ortho_norm = min(update.size(-2), update.size(-1)) ** 0.5
-    fro = update.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
-    update = update * (ortho_norm / fro).to(update.dtype)
+    target_norm = min(g.size(-2), g.size(-1)) ** 0.5
+    current_norm = g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    g = g * (target_norm / current_norm).to(g.dtype)
 
     # --- NorMuon: per-row/column second moment, then restore the matrix's norm
-    beta2 = beta2_t.to(update.dtype)
-    mean_sq = update.float().square().mean(dim=red_dim, keepdim=True)
-    n_reduced = update.size(red_dim)
-    norm_before = (mean_sq.sum(dim=(-2, -1), keepdim=True) * n_reduced).sqrt()
-    second_momentum_buffer.lerp_(mean_sq.to(dtype=second_momentum_buffer.dtype), 1 - beta2)
-    inv_rms = second_momentum_buffer.clamp_min(1e-10).rsqrt()
-    sq_after = (mean_sq * n_reduced) * inv_rms.float().square()
-    norm_after = sq_after.sum(dim=(-2, -1), keepdim=True).sqrt()
-    scale = inv_rms * (norm_before / norm_after.clamp_min(1e-10))
-    update = update * scale.to(update.dtype)
+    beta2 = beta2_t.to(g.dtype)
+    v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
+    red_dim_size = g.size(red_dim)
+    v_norm_sq = v_mean.sum(dim=(-2, -1), keepdim=True) * red_dim_size
+    v_norm = v_norm_sq.sqrt()
+    second_momentum_buffer.lerp_(v_mean.to(dtype=second_momentum_buffer.dtype), 1 - beta2)
+    step_size = second_momentum_buffer.clamp_min(1e-10).rsqrt()
+    scaled_sq_sum = (v_mean * red_dim_size) * step_size.float().square()
+    v_norm_new = scaled_sq_sum.sum(dim=(-2, -1), keepdim=True).sqrt()
+    final_scale = step_size * (v_norm / v_norm_new.clamp_min(1e-10))
+    g = g * final_scale.to(g.dtype)
 
     # --- step, with weight decay only where update and weight agree in sign
-    lr = lr_t.to(update.dtype)
-    wd = wd_t.to(update.dtype)
-    agree = (update * stacked_params) >= 0
-    stacked_params.sub_(lr * update + lr * wd * stacked_params * agree)
+    lr = lr_t.to(g.dtype)
+    wd = wd_t.to(g.dtype)
+    mask = (g * stacked_params) >= 0
+    stacked_params.sub_(lr * g + lr * wd * stacked_params * mask)
 
 # -----------------------------------------------------------------------------
-# Collectives. The NCCL (GPU) path is exactly upstream's: asynchronous
-# reduce_scatter_tensor / all_reduce with ReduceOp.AVG and all_gather_into_tensor,
-# returning futures so communication overlaps with the other groups' compute.
-# Gloo (our CPU multi-process tests) gets a minimal fallback: older gloo builds lack
-# ReduceOp.AVG and reduce_scatter, and in torch 2.13 its reduce_scatter work object
-# does not implement get_future(). So on gloo we run synchronous SUM all_reduces and
-# divide, which is slower but gives the same averages, and return no future.
-
-def _on_gloo() -> bool:
-    return dist.get_backend() == "gloo"
-
-
-def _all_reduce_avg(tensor: Tensor, world_size: int):
-    """Average `tensor` over ranks in place. Returns a future, or None if already done."""
-    if _on_gloo():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(world_size)
-        return None
-    return dist.all_reduce(tensor, op=dist.ReduceOp.AVG, async_op=True).get_future()
-
-
-def _reduce_scatter_avg(out: Tensor, full: Tensor, rank: int, world_size: int):
-    """out <- this rank's dim-0 slice of the rank-average of `full`. Future or None."""
-    if _on_gloo():
-        total = full.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        total.div_(world_size)
-        out.copy_(total.chunk(world_size, dim=0)[rank])
-        return None
-    return dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True).get_future()
-
-
-def _all_gather(out: Tensor, shard: Tensor, world_size: int):
-    """out <- concatenation over ranks (dim 0) of each rank's `shard`. Future or None."""
-    if _on_gloo():
-        # shard may be a view into out (AdamW updates its slice of p in place)
-        dist.all_gather(list(out.chunk(world_size, dim=0)), shard.clone())
-        return None
-    return dist.all_gather_into_tensor(out, shard, async_op=True).get_future()
-
-# -----------------------------------------------------------------------------
-
-_REQUIRED_KEYS = {
-    "adamw": ("lr", "betas", "eps", "weight_decay"),
-    "muon": ("lr", "momentum", "ns_steps", "beta2", "weight_decay"),
-}
-
 
 class MuonAdamW(torch.optim.Optimizer):
     """
@@ -253,13 +208,205 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(param_groups, defaults={})
         # Hyperparameters are passed to the compiled kernels through these reusable 0-d
         # CPU tensors, refilled before each call, so schedules never cause recompiles.
-        def scalar():
-            return torch.tensor(0.0, dtype=torch.float32, device="cpu")
-        self._adamw_step_t, self._adamw_lr_t = scalar(), scalar()
-        self._adamw_beta1_t, self._adamw_beta2_t = scalar(), scalar()
-        self._adamw_eps_t, self._adamw_wd_t = scalar(), scalar()
-        self._muon_momentum_t, self._muon_lr_t = scalar(), scalar()
-        self._muon_wd_t, self._muon_beta2_t = scalar(), scalar()
+        self._adamw_step_t = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+        self._adamw_lr_t = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+        self._adamw_beta1_t = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+        self._adamw_beta2_t = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+        self._adamw_eps_t = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+        self._adamw_wd_t = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+        self._muon_momentum_t = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+        self._muon_lr_t = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+        self._muon_wd_t = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+        self._muon_beta2_t = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+
+    def _reduce_adamw(self, group: dict, world_size: int) -> dict:
+        """Phase 1, AdamW: per param, the gradient (slice) this rank will use and a future to await."""
+        param_infos = {}
+        for p in group['params']:
+            grad = p.grad
+            if world_size == 1:
+                param_infos[p] = dict(future=None, grad_slice=grad, is_small=True)
+            elif p.numel() < 1024:
+                # tiny params: every rank averages the whole grad and updates the whole param
+                future = _all_reduce_avg(grad, world_size)  # ours: gloo fallback inside (see the end of the file)
+                param_infos[p] = dict(future=future, grad_slice=grad, is_small=True)
+            else:
+                if grad.shape[0] % world_size != 0:  # ours: a clear error instead of an assert
+                    raise RuntimeError(f"AdamW shards parameters by rows: shape[0]={grad.shape[0]} of a {tuple(grad.shape)} parameter is not divisible by world_size={world_size}; pad the parameter or use a world size that divides it")
+                rank_size = grad.shape[0] // world_size
+                grad_slice = torch.empty_like(grad[:rank_size])
+                future = _reduce_scatter_avg(grad_slice, grad, world_size)
+                param_infos[p] = dict(future=future, grad_slice=grad_slice, is_small=False)
+        return dict(param_infos=param_infos)
+
+    def _reduce_muon(self, group: dict, world_size: int) -> dict:
+        """Phase 1, Muon: stack the group's grads; in distributed mode start the reduce-scatter."""
+        params = group['params']
+        if world_size == 1:
+            # this rank owns every matrix; the stack itself is the owned chunk
+            grad_chunk = torch.stack([p.grad for p in params])
+            return dict(future=None, grad_chunk=grad_chunk, stacked_grads=None, chunk_size=len(params))
+        chunk_size = (len(params) + world_size - 1) // world_size
+        padded_num_params = chunk_size * world_size
+        p = params[0]
+        shape, device, dtype = p.shape, p.device, p.dtype
+
+        # zero-padded (padded_num_params, rows, cols) stack of grads
+        grad_stack = torch.stack([p.grad for p in params])
+        stacked_grads = torch.empty(padded_num_params, *shape, dtype=dtype, device=device)
+        stacked_grads[:len(params)].copy_(grad_stack)
+        if len(params) < padded_num_params:
+            stacked_grads[len(params):].zero_()
+
+        # rank r receives matrices [r*chunk_size, (r+1)*chunk_size), averaged over ranks
+        grad_chunk = torch.empty(chunk_size, *shape, dtype=dtype, device=device)
+        future = _reduce_scatter_avg(grad_chunk, stacked_grads, world_size)
+
+        return dict(future=future, grad_chunk=grad_chunk, stacked_grads=stacked_grads, chunk_size=chunk_size)
+
+    def _compute_adamw(self, group: dict, info: dict, gather_list: list, rank: int, world_size: int) -> None:
+        """Phase 2, AdamW: wait for each reduction, update, start the gather of sharded params."""
+        param_infos = info['param_infos']
+        for p in group['params']:
+            pinfo = param_infos[p]
+            if pinfo['future'] is not None:
+                pinfo['future'].wait()
+            grad_slice = pinfo['grad_slice']
+            state = self.state[p]
+
+            # sharded params update this rank's rows, a view, so the kernel writes into p
+            if pinfo['is_small']:
+                p_slice = p
+            else:
+                rank_size = p.shape[0] // world_size
+                p_slice = p[rank * rank_size:(rank + 1) * rank_size]
+
+            if not state:
+                state['step'] = 0
+                state['exp_avg'] = torch.zeros_like(p_slice)
+                state['exp_avg_sq'] = torch.zeros_like(p_slice)
+            state['step'] += 1
+
+            self._adamw_step_t.fill_(state['step'])
+            self._adamw_lr_t.fill_(group['lr'])
+            self._adamw_beta1_t.fill_(group['betas'][0])
+            self._adamw_beta2_t.fill_(group['betas'][1])
+            self._adamw_eps_t.fill_(group['eps'])
+            self._adamw_wd_t.fill_(group['weight_decay'])
+            adamw_step_fused(
+                p_slice, grad_slice, state['exp_avg'], state['exp_avg_sq'],
+                self._adamw_step_t, self._adamw_lr_t, self._adamw_beta1_t,
+                self._adamw_beta2_t, self._adamw_eps_t, self._adamw_wd_t,
+            )
+
+            # every rank's rows land back in the full p
+            if not pinfo['is_small']:
+                future = _all_gather(p, p_slice)
+                gather_list.append(dict(future=future, params=None))
+
+    def _compute_muon(self, group: dict, info: dict, gather_list: list, rank: int) -> None:
+        """Phase 2, Muon: wait for the reduction, update the owned matrices, start the gather."""
+        if info['future'] is not None:
+            info['future'].wait()
+        params = group['params']
+        chunk_size = info['chunk_size']
+        grad_chunk = info['grad_chunk']
+        p = params[0]
+        shape, device, dtype = p.shape, p.device, p.dtype
+
+        # the last ranks may own padding only
+        start_idx = rank * chunk_size
+        num_owned = min(chunk_size, max(0, len(params) - start_idx))
+
+        # Group-level state lives on the group's first parameter and covers this rank's
+        # chunk. The factored second moment keeps one value per row for tall/square
+        # matrices and one per column for wide ones.
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros(chunk_size, *shape, dtype=dtype, device=device)
+        if "second_momentum_buffer" not in state:
+            state_shape = (chunk_size, shape[-2], 1) if shape[-2] >= shape[-1] else (chunk_size, 1, shape[-1])
+            state["second_momentum_buffer"] = torch.zeros(state_shape, dtype=dtype, device=device)
+        red_dim = -1 if shape[-2] >= shape[-1] else -2
+
+        stacked_owned = None
+        if num_owned > 0:
+            owned_params = [params[start_idx + i] for i in range(num_owned)]
+            stacked_owned = torch.stack(owned_params)
+
+            self._muon_momentum_t.fill_(group["momentum"])
+            self._muon_beta2_t.fill_(group["beta2"])
+            # tall matrices get a larger step, sqrt(rows/cols), so their per-element
+            # update size matches the square/wide case
+            self._muon_lr_t.fill_(group["lr"] * max(1.0, shape[-2] / shape[-1])**0.5)
+            self._muon_wd_t.fill_(group["weight_decay"])
+            muon_step_fused(
+                grad_chunk[:num_owned], stacked_owned,
+                state["momentum_buffer"][:num_owned], state["second_momentum_buffer"][:num_owned],
+                self._muon_momentum_t, self._muon_lr_t, self._muon_wd_t, self._muon_beta2_t,
+                group["ns_steps"], red_dim,
+            )
+
+        if info['stacked_grads'] is None:
+            # single rank: the updated stack is already the full result
+            gather_list.append(dict(future=None, stacked_params=stacked_owned, params=params))
+            return
+
+        # zero-padded chunk in, full stack out
+        updated_params = torch.empty(chunk_size, *shape, dtype=dtype, device=device)
+        if num_owned > 0:
+            updated_params[:num_owned].copy_(stacked_owned)
+        if num_owned < chunk_size:
+            updated_params[num_owned:].zero_()
+
+        # the grad stack is no longer needed: reuse it as the gather destination to save memory
+        stacked_params = info["stacked_grads"]
+        future = _all_gather(stacked_params, updated_params)
+        gather_list.append(dict(future=future, stacked_params=stacked_params, params=params))
+
+    def _finish_gathers(self, gather_list: list) -> None:
+        """Phase 3: wait for every gather; unstack Muon results into the parameters (padding dropped)."""
+        for info in gather_list:
+            if info["future"] is not None:
+                info["future"].wait()
+            if info["params"] is not None:
+                torch._foreach_copy_(info["params"], list(info["stacked_params"][:len(info["params"])].unbind(0)))
+
+    @torch.no_grad()
+    def step(self):
+        # with one rank (no process group) every collective is skipped
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank()
+            world_size = dist.get_world_size()
+        else:
+            rank = 0
+            world_size = 1
+        self._check_grads()  # ours: a clear error for a missing .grad instead of a crash mid-step
+
+        # phase 1: start all reductions before any compute, so they overlap
+        reduce_infos: list[dict] = []
+        for group in self.param_groups:
+            if group['kind'] == 'adamw':
+                reduce_infos.append(self._reduce_adamw(group, world_size))
+            elif group['kind'] == 'muon':
+                reduce_infos.append(self._reduce_muon(group, world_size))
+            else:
+                raise ValueError(f"Unknown optimizer kind {group['kind']!r}; use 'adamw' or 'muon'")
+
+        # phase 2: update each group as soon as its reduction is in, launch its gather
+        gather_list: list[dict] = []
+        for group, info in zip(self.param_groups, reduce_infos):
+            if group['kind'] == 'adamw':
+                self._compute_adamw(group, info, gather_list, rank, world_size)
+            elif group['kind'] == 'muon':
+                self._compute_muon(group, info, gather_list, rank)
+            else:
+                raise ValueError(f"Unknown optimizer kind {group['kind']!r}; use 'adamw' or 'muon'")
+
+        # phase 3: collect the gathered weights
+        self._finish_gathers(gather_list)
+
+    # --- ours: input checks (upstream trusts its caller) -------------------------
 
     def add_param_group(self, param_group: dict) -> None:
         # Validate here (the constructor routes every group through this too) so a
@@ -279,143 +426,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 raise ValueError(f"MuonAdamW muon group has parameter shapes {sorted(shapes)}; a muon group must hold 2D matrices of a single shape (group them by shape)")
         super().add_param_group(param_group)
 
-    # --- phase 1: gradient reductions ------------------------------------------
-
-    def _start_adamw_reduce(self, group: dict, rank: int, world_size: int) -> dict:
-        """Per param: the gradient (slice) this rank will use and a future to await."""
-        pending = {}
-        for p in group["params"]:
-            g = p.grad
-            if world_size == 1:
-                pending[p] = dict(future=None, grad=g, sharded=False)
-            elif p.numel() < 1024:
-                pending[p] = dict(future=_all_reduce_avg(g, world_size), grad=g, sharded=False)
-            else:
-                if g.shape[0] % world_size != 0:
-                    raise RuntimeError(f"AdamW shards parameters by rows: shape[0]={g.shape[0]} of a {tuple(g.shape)} parameter is not divisible by world_size={world_size}; pad the parameter or use a world size that divides it")
-                rows = g.shape[0] // world_size
-                g_shard = torch.empty_like(g[:rows])
-                pending[p] = dict(future=_reduce_scatter_avg(g_shard, g, rank, world_size), grad=g_shard, sharded=True)
-        return pending
-
-    def _start_muon_reduce(self, group: dict, rank: int, world_size: int) -> dict:
-        """Stack the group's grads; in distributed mode start the reduce-scatter."""
-        params = group["params"]
-        if world_size == 1:
-            # this rank owns every matrix; the stack itself is the owned chunk
-            return dict(future=None, grad_chunk=torch.stack([p.grad for p in params]),
-                        comm_buffer=None, chunk_size=len(params))
-        chunk_size = -(-len(params) // world_size)  # ceil
-        p0 = params[0]
-        # zero-padded (chunk_size * world_size, rows, cols) stack of grads
-        comm_buffer = torch.empty(chunk_size * world_size, *p0.shape, dtype=p0.dtype, device=p0.device)
-        comm_buffer[:len(params)].copy_(torch.stack([p.grad for p in params]))
-        comm_buffer[len(params):].zero_()
-        grad_chunk = torch.empty(chunk_size, *p0.shape, dtype=p0.dtype, device=p0.device)
-        future = _reduce_scatter_avg(grad_chunk, comm_buffer, rank, world_size)
-        return dict(future=future, grad_chunk=grad_chunk, comm_buffer=comm_buffer, chunk_size=chunk_size)
-
-    # --- phase 2: updates ---------------------------------------------------------
-
-    def _adamw_update(self, group: dict, pending: dict, gathers: list, rank: int, world_size: int) -> None:
-        for p in group["params"]:
-            job = pending[p]
-            if job["future"] is not None:
-                job["future"].wait()
-            if job["sharded"]:
-                rows = p.shape[0] // world_size
-                target = p[rank * rows:(rank + 1) * rows]  # a view: the kernel writes into p
-            else:
-                target = p
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(target)
-                state["exp_avg_sq"] = torch.zeros_like(target)
-            state["step"] += 1
-            self._adamw_step_t.fill_(state["step"])
-            self._adamw_lr_t.fill_(group["lr"])
-            self._adamw_beta1_t.fill_(group["betas"][0])
-            self._adamw_beta2_t.fill_(group["betas"][1])
-            self._adamw_eps_t.fill_(group["eps"])
-            self._adamw_wd_t.fill_(group["weight_decay"])
-            adamw_step_fused(
-                target, job["grad"], state["exp_avg"], state["exp_avg_sq"],
-                self._adamw_step_t, self._adamw_lr_t, self._adamw_beta1_t,
-                self._adamw_beta2_t, self._adamw_eps_t, self._adamw_wd_t,
-            )
-            if job["sharded"]:
-                # every rank's rows land back in the full p
-                gathers.append(dict(future=_all_gather(p, target, world_size), params=None))
-
-    def _muon_update(self, group: dict, pending: dict, gathers: list, rank: int, world_size: int) -> None:
-        if pending["future"] is not None:
-            pending["future"].wait()
-        params = group["params"]
-        chunk_size = pending["chunk_size"]
-        p0 = params[0]
-        rows, cols = p0.shape
-        first = rank * chunk_size
-        n_owned = max(0, min(chunk_size, len(params) - first))  # the last ranks may own padding only
-
-        # Group-level state lives on the group's first parameter and covers this rank's
-        # chunk. The factored second moment keeps one value per row for tall/square
-        # matrices and one per column for wide ones.
-        state = self.state[p0]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros(chunk_size, rows, cols, dtype=p0.dtype, device=p0.device)
-        if "second_momentum_buffer" not in state:
-            factored = (chunk_size, rows, 1) if rows >= cols else (chunk_size, 1, cols)
-            state["second_momentum_buffer"] = torch.zeros(factored, dtype=p0.dtype, device=p0.device)
-        red_dim = -1 if rows >= cols else -2
-
-        owned_stack = None
-        if n_owned > 0:
-            owned_stack = torch.stack(params[first:first + n_owned])
-            self._muon_momentum_t.fill_(group["momentum"])
-            self._muon_beta2_t.fill_(group["beta2"])
-            # tall matrices get a larger step, sqrt(rows/cols), so their per-element
-            # update size matches the square/wide case
-            self._muon_lr_t.fill_(group["lr"] * max(1.0, rows / cols) ** 0.5)
-            self._muon_wd_t.fill_(group["weight_decay"])
-            muon_step_fused(
-                pending["grad_chunk"][:n_owned], owned_stack,
-                state["momentum_buffer"][:n_owned], state["second_momentum_buffer"][:n_owned],
-                self._muon_momentum_t, self._muon_lr_t, self._muon_wd_t, self._muon_beta2_t,
-                group["ns_steps"], red_dim,
-            )
-
-        if pending["comm_buffer"] is None:
-            # single rank: the updated stack is already the full result
-            gathers.append(dict(future=None, stacked=owned_stack, params=params))
-            return
-        # zero-padded chunk in, full stack out; the grad buffer is no longer needed and
-        # is reused as the gather destination to save memory
-        chunk_out = torch.empty(chunk_size, rows, cols, dtype=p0.dtype, device=p0.device)
-        if n_owned > 0:
-            chunk_out[:n_owned].copy_(owned_stack)
-        chunk_out[n_owned:].zero_()
-        full = pending["comm_buffer"]
-        gathers.append(dict(future=_all_gather(full, chunk_out, world_size), stacked=full, params=params))
-
-    # --- phase 3: gathers -------------------------------------------------------
-
-    def _finish_gathers(self, gathers: list) -> None:
-        for job in gathers:
-            if job["future"] is not None:
-                job["future"].wait()
-            if job["params"] is not None:
-                # Muon: unstack into the individual parameters (padding rows dropped)
-                params = job["params"]
-                torch._foreach_copy_(params, list(job["stacked"][:len(params)].unbind(0)))
-
-    @torch.no_grad()
-    def step(self):
-        if dist.is_available() and dist.is_initialized():
-            rank, world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world_size = 0, 1
-
+    def _check_grads(self) -> None:
         for i, group in enumerate(self.param_groups):
             if group["kind"] not in _REQUIRED_KEYS:
                 raise ValueError(f"Unknown optimizer kind {group['kind']!r} in param group {i}; use 'adamw' or 'muon'")
@@ -423,17 +434,54 @@ class MuonAdamW(torch.optim.Optimizer):
                 raise RuntimeError(f"MuonAdamW.step(): a parameter in param group {i} ({group['kind']}) has no .grad; "
                                    f"run backward first, and keep parameters that get no gradient out of the optimizer")
 
-        # phase 1: start all reductions before any compute, so they overlap
-        pending = []
-        for group in self.param_groups:
-            start = self._start_adamw_reduce if group["kind"] == "adamw" else self._start_muon_reduce
-            pending.append(start(group, rank, world_size))
+# -----------------------------------------------------------------------------
+# Ours: collectives with a gloo fallback, and the group schema MuonAdamW validates.
+# The NCCL (GPU) path is exactly upstream's: asynchronous
+# reduce_scatter_tensor / all_reduce with ReduceOp.AVG and all_gather_into_tensor,
+# returning futures so communication overlaps with the other groups' compute.
+# Gloo (our CPU multi-process tests) gets a minimal fallback: older gloo builds lack
+# ReduceOp.AVG and reduce_scatter, and in torch 2.13 its reduce_scatter work object
+# does not implement get_future(). So on gloo we run synchronous SUM all_reduces and
+# divide, which is slower but gives the same averages, and return no future.
 
-        # phase 2: update each group as soon as its reduction is in, launch its gather
-        gathers = []
-        for group, job in zip(self.param_groups, pending):
-            update = self._adamw_update if group["kind"] == "adamw" else self._muon_update
-            update(group, job, gathers, rank, world_size)
+def _on_gloo() -> bool:
+    return dist.get_backend() == "gloo"
 
-        # phase 3: collect the gathered weights
-        self._finish_gathers(gathers)
+
+def _all_reduce_avg(tensor: Tensor, world_size: int):
+    """Average `tensor` over ranks in place. Returns a future, or None if already done."""
+    if _on_gloo():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(world_size)
+        return None
+    return dist.all_reduce(tensor, op=dist.ReduceOp.AVG, async_op=True).get_future()
+
+
+def _reduce_scatter_avg(out: Tensor, full: Tensor, world_size: int):
+    """out <- this rank's dim-0 slice of the rank-average of `full`. Future or None."""
+    if _on_gloo():
+        rank = dist.get_rank()
+        total = full.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        total.div_(world_size)
+        out.copy_(total.chunk(world_size, dim=0)[rank])
+        return None
+    return dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True).get_future()
+
+
+def _all_gather(out: Tensor, shard: Tensor):
+    """out <- concatenation over ranks (dim 0) of each rank's `shard`. Future or None."""
+    if _on_gloo():
+        world_size = dist.get_world_size()
+        # shard may be a view into out (AdamW updates its slice of p in place)
+        dist.all_gather(list(out.chunk(world_size, dim=0)), shard.clone())
+        return None
+    return dist.all_gather_into_tensor(out, shard, async_op=True).get_future()
+
+# -----------------------------------------------------------------------------
+
+
+_REQUIRED_KEYS = {
+    "adamw": ("lr", "betas", "eps", "weight_decay"),
+    "muon": ("lr", "momentum", "ns_steps", "beta2", "weight_decay"),
+}

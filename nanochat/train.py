@@ -429,7 +429,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
         # CORE metric (all ranks), on the uncompiled model because input shapes vary
         results = {}
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
-            from scripts.base_eval import evaluate_core
+            from nanochat.core_eval import evaluate_core
             model.eval()
             with disable_fp8(orig_model):
                 results = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)

@@ -20,141 +20,15 @@ nothing is ever downloaded).
 """
 import os
 import csv
-import time
-import json
-import yaml
-import shutil
-import random
-import zipfile
-import tempfile
 import argparse
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, download_file_with_lock, Progress
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, Progress
 from nanochat.tokenizer import get_token_bytes
 from nanochat.checkpoint_manager import load_model
-from nanochat.core_eval import evaluate_task
+from nanochat.core_eval import evaluate_core, get_eval_bundle_dir  # the CORE driver lives in the library (nanochat.train needs it)
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.engine import Engine
-
-# -----------------------------------------------------------------------------
-# Locating the CORE eval bundle
-
-EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-EVAL_BUNDLE_ENV = "NANOCHAT_EVAL_BUNDLE_DIR"
-# what a bundle directory must contain (the layout of the upstream eval_bundle.zip)
-EVAL_BUNDLE_FILES = ("core.yaml", "eval_meta_data.csv", "eval_data")
-
-
-def place_eval_bundle(file_path):
-    """Unpack a downloaded eval_bundle.zip into <base_dir>/eval_bundle."""
-    eval_bundle_dir = os.path.join(get_base_dir(), "eval_bundle")
-    # unpack somewhere private first so a half-extracted bundle never appears under its real name
-    with tempfile.TemporaryDirectory() as tmpdir:
-        with zipfile.ZipFile(file_path, 'r') as zf:
-            zf.extractall(tmpdir)
-        extracted = os.path.join(tmpdir, "eval_bundle")
-        if not os.path.isdir(extracted):
-            raise RuntimeError(f"{file_path} has no top-level eval_bundle/ folder; delete it so it is downloaded again")
-        shutil.move(extracted, eval_bundle_dir)
-    print0(f"Placed eval_bundle directory at {eval_bundle_dir}")
-
-
-def get_eval_bundle_dir(eval_bundle_dir=None):
-    """
-    The directory of the CORE eval bundle: eval_bundle_dir if given, else $NANOCHAT_EVAL_BUNDLE_DIR,
-    else <base_dir>/eval_bundle, which is downloaded if it is not there yet. An explicit or
-    environment override is never downloaded into; it must already hold a bundle.
-    """
-    override = eval_bundle_dir or os.environ.get(EVAL_BUNDLE_ENV)
-    if override:
-        bundle_dir, fix = override, f"point {EVAL_BUNDLE_ENV} (or eval_bundle_dir) at an unpacked eval_bundle"
-    else:
-        bundle_dir = os.path.join(get_base_dir(), "eval_bundle")
-        fix = f"delete {bundle_dir} so it is downloaded again, or unpack {EVAL_BUNDLE_URL} there"
-        if not os.path.exists(bundle_dir):
-            zip_path = download_file_with_lock(EVAL_BUNDLE_URL, "eval_bundle.zip", postprocess_fn=place_eval_bundle)
-            # the zip can be present from an earlier run whose unpacking was interrupted
-            if not os.path.exists(bundle_dir):
-                place_eval_bundle(zip_path)
-    if not os.path.isdir(bundle_dir):
-        raise FileNotFoundError(f"eval bundle directory {bundle_dir} does not exist; {fix}")
-    for name in EVAL_BUNDLE_FILES:
-        if not os.path.exists(os.path.join(bundle_dir, name)):
-            raise FileNotFoundError(f"eval bundle {bundle_dir} has no {name}; {fix}")
-    return bundle_dir
-
-
-def _load_task_data(path):
-    """One JSON object per line."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"CORE task data {path} not found; check dataset_uri in core.yaml")
-    data = []
-    with open(path, 'r', encoding='utf-8') as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                data.append(json.loads(line.strip()))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({e}); fix or re-download the eval bundle") from e
-    return data
-
-# -----------------------------------------------------------------------------
-# CORE evaluation
-
-
-def evaluate_core(model, tokenizer, device, max_per_task=-1, eval_bundle_dir=None):
-    """
-    Evaluate a base model on the CORE tasks.
-    Returns {"results": {label: accuracy}, "centered_results": {label: centered accuracy},
-    "core_metric": mean centered accuracy}. Centering maps the task's random-guess accuracy
-    to 0 and perfect accuracy to 1. max_per_task > 0 evaluates a fixed random subset of
-    each task (the same subset on every call).
-    """
-    bundle_dir = get_eval_bundle_dir(eval_bundle_dir)
-    with open(os.path.join(bundle_dir, "core.yaml"), 'r', encoding='utf-8') as f:
-        tasks = yaml.safe_load(f)['icl_tasks']
-    # random-guess accuracy of each task, in percent
-    random_baselines = {}
-    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), 'r', encoding='utf-8') as f:
-        for row in csv.DictReader(f):
-            random_baselines[row['Eval Task']] = float(row['Random baseline'])
-
-    results = {}
-    centered_results = {}
-    for task in tasks:
-        t0 = time.time()
-        label = task['label']
-        task_meta = {
-            'task_type': task['icl_task_type'],
-            'dataset_uri': task['dataset_uri'],
-            'num_fewshot': task['num_fewshot'][0],
-            'continuation_delimiter': task.get('continuation_delimiter', ' '),
-        }
-        if label not in random_baselines:
-            raise ValueError(f"task {label!r} from core.yaml has no row in {bundle_dir}/eval_meta_data.csv; "
-                             f"add its 'Random baseline' there")
-        print0(f"Evaluating: {label} ({task_meta['num_fewshot']}-shot, type: {task_meta['task_type']})... ", end='')
-        data = _load_task_data(os.path.join(bundle_dir, "eval_data", task_meta['dataset_uri']))
-        # a fixed shuffle makes max_per_task pick the same representative subset every time
-        random.Random(1337).shuffle(data)
-        if max_per_task > 0:
-            data = data[:max_per_task]
-
-        accuracy = evaluate_task(model, tokenizer, data, device, task_meta)
-        baseline = 0.01 * random_baselines[label]
-        centered = (accuracy - baseline) / (1.0 - baseline)
-        results[label] = accuracy
-        centered_results[label] = centered
-        print0(f"accuracy: {accuracy:.4f} | centered: {centered:.4f} | time: {time.time() - t0:.2f}s")
-
-    core_metric = sum(centered_results.values()) / len(centered_results)
-    return {
-        "results": results,
-        "centered_results": centered_results,
-        "core_metric": core_metric,
-    }
 
 # -----------------------------------------------------------------------------
 # Main

@@ -1,5 +1,5 @@
 """
-Specification of nanochat/core_eval.py and the CORE part of scripts/base_eval.py.
+Specification of nanochat/core_eval.py (with the CORE driver moved there from scripts/base_eval.py) and of scripts/base_eval.py.
 
 Prompt rendering is pinned with hand-written expected strings for each task type; the
 token bookkeeping (which positions are scored) is checked with an "oracle" model that
@@ -301,18 +301,18 @@ def test_evaluate_task_single_process_is_the_mean(tokenizer):
     assert evaluate_task(oracle, tokenizer, MC_DATA, "cpu", meta) == pytest.approx(0.75)
 
 # -----------------------------------------------------------------------------
-# evaluate_core on the local mini bundle
+# evaluate_core on the local mini bundle (moved from scripts/core_driver.py into the library)
 
 
 @pytest.fixture
-def base_eval(monkeypatch):
-    import scripts.base_eval as base_eval
+def core_driver(monkeypatch):
+    import nanochat.core_eval as core_driver
 
     def no_download(*args, **kwargs):
         raise AssertionError("evaluate_core tried to download the eval bundle")
-    monkeypatch.setattr(base_eval, "download_file_with_lock", no_download)
+    monkeypatch.setattr(core_driver, "download_file_with_lock", no_download)
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE_DIR", raising=False)
-    return base_eval
+    return core_driver
 
 
 @pytest.fixture
@@ -335,26 +335,26 @@ def check_core_output(out, n_items):
     assert out["core_metric"] == pytest.approx(sum(out["centered_results"].values()) / 3)
 
 
-def test_evaluate_core_uses_a_bundle_placed_in_the_base_dir(fixture_base_dir, base_eval, model_and_tokenizer):
+def test_evaluate_core_uses_a_bundle_placed_in_the_base_dir(fixture_base_dir, core_driver, model_and_tokenizer):
     shutil.copytree(BUNDLE, fixture_base_dir / "eval_bundle")
     model, tokenizer = model_and_tokenizer
-    out = base_eval.evaluate_core(model, tokenizer, torch.device("cpu"))
+    out = core_driver.evaluate_core(model, tokenizer, torch.device("cpu"))
     check_core_output(out, {"tiny_capitals": 6, "tiny_pronouns": 5, "tiny_endings": 5})
     # deterministic: same prompts, same few-shot draws, same answers
-    assert base_eval.evaluate_core(model, tokenizer, torch.device("cpu")) == out
+    assert core_driver.evaluate_core(model, tokenizer, torch.device("cpu")) == out
 
 
-def test_evaluate_core_env_override_and_max_per_task(fixture_base_dir, base_eval, model_and_tokenizer, monkeypatch):
+def test_evaluate_core_env_override_and_max_per_task(fixture_base_dir, core_driver, model_and_tokenizer, monkeypatch):
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_DIR", str(BUNDLE))
     model, tokenizer = model_and_tokenizer
-    out = base_eval.evaluate_core(model, tokenizer, torch.device("cpu"), max_per_task=3)
+    out = core_driver.evaluate_core(model, tokenizer, torch.device("cpu"), max_per_task=3)
     check_core_output(out, {label: 3 for label in LABELS})
     assert not (fixture_base_dir / "eval_bundle").exists()
     # the subset is the first max_per_task items after a fixed shuffle
     seen = []
-    real = base_eval.evaluate_task
-    monkeypatch.setattr(base_eval, "evaluate_task", lambda m, t, data, d, meta: seen.append(data) or real(m, t, data, d, meta))
-    base_eval.evaluate_core(model, tokenizer, torch.device("cpu"), max_per_task=3, eval_bundle_dir=str(BUNDLE))
+    real = core_driver.evaluate_task
+    monkeypatch.setattr(core_driver, "evaluate_task", lambda m, t, data, d, meta: seen.append(data) or real(m, t, data, d, meta))
+    core_driver.evaluate_core(model, tokenizer, torch.device("cpu"), max_per_task=3, eval_bundle_dir=str(BUNDLE))
     lines = (BUNDLE / "eval_data" / "world_knowledge" / "tiny_capitals.jsonl").read_text().splitlines()
     full = [json.loads(line) for line in lines]
     random.Random(1337).shuffle(full)
@@ -363,7 +363,7 @@ def test_evaluate_core_env_override_and_max_per_task(fixture_base_dir, base_eval
 
 def test_missing_bundle_is_downloaded_and_unpacked(fixture_base_dir, monkeypatch, model_and_tokenizer):
     """The real downloader path, with the network swapped for a local zip."""
-    import scripts.base_eval as base_eval
+    import nanochat.core_eval as core_driver
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE_DIR", raising=False)
     calls = []
 
@@ -376,18 +376,18 @@ def test_missing_bundle_is_downloaded_and_unpacked(fixture_base_dir, monkeypatch
                     zf.write(p, Path("eval_bundle") / p.relative_to(BUNDLE))
         postprocess_fn(str(zip_path))
         return str(zip_path)
-    monkeypatch.setattr(base_eval, "download_file_with_lock", fake_download)
+    monkeypatch.setattr(core_driver, "download_file_with_lock", fake_download)
     model, tokenizer = model_and_tokenizer
-    out = base_eval.evaluate_core(model, tokenizer, torch.device("cpu"), max_per_task=3)
-    assert calls == [(base_eval.EVAL_BUNDLE_URL, "eval_bundle.zip")]
+    out = core_driver.evaluate_core(model, tokenizer, torch.device("cpu"), max_per_task=3)
+    assert calls == [(core_driver.EVAL_BUNDLE_URL, "eval_bundle.zip")]
     assert (fixture_base_dir / "eval_bundle" / "core.yaml").read_bytes() == (BUNDLE / "core.yaml").read_bytes()
     assert list(out["results"]) == LABELS
 
 
-def test_bundle_errors_are_one_line(tmp_path, base_eval, monkeypatch):
+def test_bundle_errors_are_one_line(tmp_path, core_driver, monkeypatch):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as ei:
-        base_eval.get_eval_bundle_dir(str(missing))
+        core_driver.get_eval_bundle_dir(str(missing))
     assert str(missing) in str(ei.value) and "NANOCHAT_EVAL_BUNDLE_DIR" in str(ei.value) and "\n" not in str(ei.value)
 
     broken = tmp_path / "broken"
@@ -395,35 +395,35 @@ def test_bundle_errors_are_one_line(tmp_path, base_eval, monkeypatch):
     (broken / "core.yaml").unlink()
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_DIR", str(broken))
     with pytest.raises(FileNotFoundError, match="has no core.yaml"):
-        base_eval.get_eval_bundle_dir()
+        core_driver.get_eval_bundle_dir()
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE_DIR")
     (tmp_path / "base" / "eval_bundle").mkdir(parents=True)  # an empty leftover directory
     with pytest.raises(FileNotFoundError, match="so it is downloaded again"):
-        base_eval.get_eval_bundle_dir()
+        core_driver.get_eval_bundle_dir()
 
 
-def test_task_without_random_baseline(tmp_path, base_eval, monkeypatch):
+def test_task_without_random_baseline(tmp_path, core_driver, monkeypatch):
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE, bundle)
     csv_path = bundle / "eval_meta_data.csv"
     rows = [line for line in csv_path.read_text().splitlines() if not line.startswith("tiny_pronouns")]
     csv_path.write_text("\n".join(rows) + "\n")
     # scoring is beside the point here
-    monkeypatch.setattr(base_eval, "evaluate_task", lambda *args, **kwargs: 0.5)
+    monkeypatch.setattr(core_driver, "evaluate_task", lambda *args, **kwargs: 0.5)
     with pytest.raises(ValueError, match="'tiny_pronouns' from core.yaml has no row"):
-        base_eval.evaluate_core(None, None, "cpu", eval_bundle_dir=str(bundle))
+        core_driver.evaluate_core(None, None, "cpu", eval_bundle_dir=str(bundle))
 
 
-def test_bad_task_data_line(tmp_path, base_eval, monkeypatch):
+def test_bad_task_data_line(tmp_path, core_driver, monkeypatch):
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE, bundle)
     data = bundle / "eval_data" / "world_knowledge" / "tiny_capitals.jsonl"
     data.write_text(data.read_text() + '{"query": oops}\n')
-    monkeypatch.setattr(base_eval, "evaluate_task", lambda *args, **kwargs: 0.5)
+    monkeypatch.setattr(core_driver, "evaluate_task", lambda *args, **kwargs: 0.5)
     with pytest.raises(ValueError, match=r"tiny_capitals.jsonl:7 is not valid JSON"):
-        base_eval.evaluate_core(None, None, "cpu", eval_bundle_dir=str(bundle))
+        core_driver.evaluate_core(None, None, "cpu", eval_bundle_dir=str(bundle))
 
 # -----------------------------------------------------------------------------
 # The script
