@@ -105,3 +105,44 @@ def test_base_train_resume_from_missing_step_is_one_clear_line(train_base_dir):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def _base_train(base, flags):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_COMPILE="0", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY, *flags],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_resume_refuses_a_half_saved_step_and_a_meta_without_loop_state(train_base_dir):
+    flags = ["--num-iterations=4", "--save-every=2", "--model-tag=half"]
+    r = _base_train(train_base_dir, flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = train_base_dir / "base_checkpoints" / "half"
+    manifest = json.loads((ckpt / "manifest_000004.json").read_text())
+    assert manifest["committed"] and {"loader_000004_rank0.pt", "optim_000004_rank0.pt"} <= set(manifest["files"])
+    # a save killed after its first write leaves the pending marker: step 4 is not a whole step
+    (ckpt / "manifest_000004.json").write_text(json.dumps({"step": 4, "committed": False}))
+    r = _base_train(train_base_dir, flags + ["--resume-from-step=4"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step 4 ") and "never committed" in last and "last committed step is 2" in last
+    # an upstream-style step (no manifest) whose meta lacks loop_state: one line naming the file
+    (ckpt / "manifest_000002.json").unlink()
+    meta = json.loads((ckpt / "meta_000002.json").read_text())
+    del meta["loop_state"]
+    (ckpt / "meta_000002.json").write_text(json.dumps(meta))
+    r = _base_train(train_base_dir, flags + ["--resume-from-step=2"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "meta_000002.json has no 'loop_state' entry" in last
+
+
+def test_resume_names_a_damaged_loader_snapshot(train_base_dir):
+    flags = ["--num-iterations=2", "--save-every=2", "--model-tag=trunc"]
+    assert _base_train(train_base_dir, flags).returncode == 0
+    snapshot = train_base_dir / "base_checkpoints" / "trunc" / "loader_000002_rank0.pt"
+    snapshot.write_bytes(snapshot.read_bytes()[: snapshot.stat().st_size // 2])
+    r = _base_train(train_base_dir, flags + ["--resume-from-step=2", "--num-iterations=3"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "loader_000002_rank0.pt" in last and "bytes but step 2 was committed" in last
