@@ -185,8 +185,10 @@ def remove_stale_temp_files(checkpoint_dir):
 def _first_non_finite(obj, prefix=""):
     """Name of the first floating-point tensor in a (nested) state dict that holds a NaN or inf, else None."""
     if torch.is_tensor(obj):
-        if obj.is_floating_point() or obj.is_complex():
-            if not bool(torch.isfinite(obj).all()):
+        if obj.is_floating_point() and obj.numel() > 0:
+            # one reduction, no mask: a NaN or inf anywhere makes the sum non-finite; only then
+            # (or when a huge finite sum overflows) is the exact elementwise check needed
+            if not bool(torch.isfinite(obj.sum(dtype=torch.float32))) and not bool(torch.isfinite(obj).all()):
                 return prefix or "<tensor>"
         return None
     if isinstance(obj, dict):
