@@ -356,3 +356,40 @@ def test_refusal_names_both_gistnet_ids_and_the_refresh_command(fixture_base_dir
     assert run(*command.split()[3:]) == 0
     assert "regenerated" in capsys.readouterr().out
     assert run("--config", cfg, "--input", more, "--out", other, "--append") == 0
+
+
+@pytest.mark.slow  # several fresh interpreters importing torch, each SIGKILLed mid-ingest
+def test_sigkilled_cli_ingest_reruns_to_the_clean_tree(fixture_base_dir, tmp_path):
+    import os
+    import random
+    import signal
+    import time
+    src = tmp_path / "big.txt"
+    src.write_text("".join(f"line {i}: the fox and the dog, {i * 7 % 13} times.\n" for i in range(12000)))
+    cfg = write_config(tmp_path, batch_size=8)
+    clean, out = tmp_path / "clean", tmp_path / "tree"
+    assert run("--config", cfg, "--input", src, "--out", clean) == 0
+    want_tokens, want1, _, _ = _tree_state(clean)
+    full_bytes = len(want_tokens) // 32 * 128
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(fixture_base_dir))
+    cmd = [sys.executable, "-m", "megacontext.ingest", "--config", str(cfg), "--input", str(src), "--out", str(out)]
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(4):
+        threshold = 64 + rng.randint(full_bytes // 10, full_bytes * 9 // 10)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            lod0 = out / "LOD0.ctx"
+            if lod0.exists() and lod0.stat().st_size >= threshold:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=60)
+    assert kills >= 2
+    assert run("--config", cfg, "--input", src, "--out", out) == 0
+    tokens, g1, _, sources = _tree_state(out)
+    assert tokens == want_tokens
+    np.testing.assert_allclose(g1, want1, atol=1e-3)
+    assert len(sources) == 1 and sources[0]["tokens"] == len(want_tokens)
