@@ -1,21 +1,25 @@
 """
-Build a MegaContext Tree from text files: tokenize, gist, store.
+Build a MegaContext Tree from text files: tokenize, gist, store. Resumable and idempotent.
 
     python -m megacontext.ingest --config CONFIG.yaml --input FILE_OR_DIR --out TREE_DIR
     python -m megacontext.ingest --config CONFIG.yaml --input more.txt --out TREE_DIR --append
+    python -m megacontext.ingest --config CONFIG.yaml --out TREE_DIR --refresh
 
-Flags:
+Flags (`--help` shows the defaults):
     --config PATH    YAML config (keys below)
     --input PATH     a text file, or a directory: every file under it matching --glob, in
-                     sorted path order (hidden files and directories are skipped)
-    --out DIR        the tree directory (LOD0/1/2.ctx + tree.json); must not hold a tree yet
-    --append         continue the tree in --out instead (same base model and GistNet only)
+                     sorted path order (hidden files and directories are skipped, and so are
+                     binary files: a NUL byte in the first 8 KiB, e.g. __pycache__/*.pyc; the
+                     summary says how many)
+    --out DIR        the tree directory (LOD0/1/2.ctx + tree.json)
+    --append         add the input to an existing tree (same base model and GistNet only)
+    --refresh        regenerate every gist of the tree with the config's GistNet
     --encoding ENC   text encoding of the input files (default utf-8)
     --glob PATTERN   which files of an input directory to read (default: all, recursively)
     --no-bos         do not start each file with the tokenizer's BOS token (default: do, as
                      nanochat does for every document)
 
-Config keys (a flat YAML mapping; a training config with these keys works as is):
+Config keys (a flat YAML mapping; any other key is an error naming it):
     source: base            checkpoint family: base | sft | rl (under NANOCHAT_BASE_DIR)
     model_tag: d20          default: the largest model of that source
     step: 5000              default: the last step
@@ -28,20 +32,33 @@ Config keys (a flat YAML mapping; a training config with these keys works as is)
     device_type: cpu        cuda | cpu | mps (default: autodetect)
     model_name: d20         name recorded in the tree (default: "<source>:<tag>@<step>")
 
+Resuming. The tree records every source (absolute path, size, SHA-256, BOS and encoding
+settings) in tree.json before its first token and marks it whole after its last (see
+megacontext/tree.py). Re-running the same command after a kill, a full disk or Ctrl-C
+continues the interrupted source from its committed token (its text is tokenized again
+and the committed prefix skipped, which gives the same ids) and then ingests the rest, so
+the tree ends with exactly the input's tokens. Sources that are already whole are skipped
+(all whole: a no-op that says so); with --append, new sources are added after them. The
+hashes come from the read that checks the text, so they cost no extra pass.
+
 Files are tokenized in pieces of about 1 MiB, cut where a line ends and the next one starts
 with a non-space character: no token of nanochat's split pattern spans such a point, so
 the ids are those of tokenizing the whole file at once while memory stays flat.
 
 Errors are reported as one line (exit status 1) before anything is written: an input
 that is not valid text in --encoding (naming the file and byte offset), empty input, a
-missing checkpoint or GistNet file, an --out that already holds a tree (or, with --append,
-one made for another base model or GistNet). An existing tree is never overwritten; an
-interrupted run leaves every committed block in place.
+missing checkpoint or GistNet file, a config key it does not know, an --out that holds a
+tree built from other input (without --append), or one made for another base model or
+GistNet (naming both GistNets with their ids, and the --refresh command that regenerates
+the gists). An existing tree is never overwritten; an interrupted run leaves every
+committed block in place.
 """
 
 import argparse
 import codecs
+import difflib
 import hashlib
+import json
 import os
 import sys
 import time
@@ -54,7 +71,7 @@ from tqdm import tqdm
 
 # nanochat's model stack (and megacontext.gistnet, which builds on it) is imported only once the
 # inputs have been checked: it takes seconds to import, and bad input should be reported at once.
-from megacontext.storage import LEVEL_FILENAMES, CtxFormatError
+from megacontext.storage import LEVEL_FILENAMES, CtxFormatError, gistnet_id
 from megacontext.tree import META_FILENAME, MegaContextTree
 
 CHUNK_BYTES = 1 << 20      # bytes of text tokenized per tokenizer call
@@ -79,7 +96,12 @@ def load_config(path):
         raise ValueError(f"config {path} must be a YAML mapping of keys ({', '.join(sorted(CONFIG_KEYS))})")
     cfg = {"source": "base", "model_tag": None, "step": None, "checkpoint_dir": None, "gistnet": None,
            "dtype": "fp16", "batch_size": 256, "device_type": "", "model_name": None}
-    cfg.update({k: v for k, v in raw.items() if k in CONFIG_KEYS})  # other keys belong to other tools
+    unknown = sorted(k for k in raw if k not in CONFIG_KEYS)
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), CONFIG_KEYS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown config key '{unknown[0]}' in {path}{hint}; known keys: {', '.join(sorted(CONFIG_KEYS))}")
+    cfg.update(raw)
     if cfg["gistnet"] is None:
         raise ValueError(f"config {path} has no 'gistnet' key: set `gistnet: mean` for the mean-pool "
                          f"baseline, or the path of a trained GistNet checkpoint")
@@ -98,34 +120,54 @@ def load_config(path):
 # inputs
 
 
+BINARY_PROBE_BYTES = 8192  # a NUL byte in a file's first 8 KiB marks it binary (git's rule)
+
+
+def _looks_binary(path):
+    with open(path, "rb") as f:
+        return b"\0" in f.read(BINARY_PROBE_BYTES)
+
+
 def list_inputs(path, pattern="*"):
-    """The files to read: the file itself, or the matching non-hidden files under a directory."""
+    """(files to read, files skipped as binary): the file itself, or the matching non-hidden
+    files under a directory in sorted path order, without binary ones (e.g. __pycache__/*.pyc)."""
     path = Path(path)
     if path.is_file():
-        return [path]
+        if _looks_binary(path):
+            raise ValueError(f"{path} looks binary (a NUL byte in its first {BINARY_PROBE_BYTES} bytes); "
+                             f"ingest reads text files")
+        return [path], []
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist")
-    files = sorted(p for p in path.rglob(pattern)
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not files:
+    matched = sorted(p for p in path.rglob(pattern)
+                     if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not matched:
         raise ValueError(f"input directory {path} has no files matching {pattern!r}; nothing to ingest")
-    return files
+    files, skipped = [], []
+    for p in matched:
+        (skipped if _looks_binary(p) else files).append(p)
+    if not files:
+        raise ValueError(f"input directory {path} has only binary files matching {pattern!r} ({len(skipped)}, "
+                         f"e.g. {skipped[0].relative_to(path)}); nothing to ingest, choose text files with --glob")
+    return files, skipped
 
 
 def check_texts(files, encoding):
-    """Decode every file once before anything is written. Returns the total size in bytes;
-    raises ValueError naming the first file that is not valid text, or if all are empty."""
+    """Decode every file once before anything is written. Returns (total size in bytes,
+    [(size, sha256 hex) per file]): the same read gives each file's identity for resuming.
+    Raises ValueError naming the first file that is not valid text, or if all are empty."""
     try:
         codecs.lookup(encoding)
     except LookupError:
         raise ValueError(f"unknown text encoding {encoding!r}; pass --encoding with a Python codec name "
                          f"(utf-8, latin-1, cp1252, ...)") from None
-    total = 0
+    total, identities = 0, []
     for path in files:
         decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
-        offset = 0
+        offset, sha256 = 0, hashlib.sha256()
         with open(path, "rb") as f:
             while chunk := f.read(CHUNK_BYTES):
+                sha256.update(chunk)
                 held = len(decoder.getstate()[0])  # bytes of a character split across chunks
                 try:
                     decoder.decode(chunk)
@@ -141,10 +183,11 @@ def check_texts(files, encoding):
                 raise ValueError(f"{path} is not valid {encoding} text: it ends inside a character; "
                                  f"pass --encoding if it is another encoding") from None
         total += offset
+        identities.append((offset, sha256.hexdigest()))
     if total == 0:
         names = files[0] if len(files) == 1 else f"all {len(files)} input files"
         raise ValueError(f"{names} {'is' if len(files) == 1 else 'are'} empty; nothing to ingest")
-    return total
+    return total, identities
 
 
 def _safe_cut(text):
@@ -245,11 +288,16 @@ def load_gister(spec, n_embd, device):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Build a MegaContext Tree (LOD0/1/2.ctx) from text files")
+    parser = argparse.ArgumentParser(description="Build a MegaContext Tree (LOD0/1/2.ctx) from text files; "
+                                     "re-running the same command after a kill continues where it stopped",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=str, required=True, help="YAML config: base model, gistnet, dtype, batch_size")
-    parser.add_argument("--input", type=str, required=True, help="a text file or a directory of text files")
+    parser.add_argument("--input", type=str, default=None,
+                        help="a text file or a directory of text files (binary files in a directory are skipped)")
     parser.add_argument("--out", type=str, required=True, help="tree directory to create (or continue with --append)")
-    parser.add_argument("--append", action="store_true", help="continue an existing tree of the same model and GistNet")
+    parser.add_argument("--append", action="store_true", help="add the input to an existing tree of the same model and GistNet")
+    parser.add_argument("--refresh", action="store_true",
+                        help="regenerate every gist of --out with the config's GistNet (no --input)")
     parser.add_argument("--encoding", type=str, default="utf-8", help="text encoding of the input files")
     parser.add_argument("--glob", type=str, default="*", help="files of an input directory to read (recursive)")
     parser.add_argument("--no-bos", action="store_true", help="do not start each file with the BOS token")
@@ -260,19 +308,89 @@ def _has_tree(out):
     return any((out / name).exists() for name in (*LEVEL_FILENAMES, META_FILENAME))
 
 
+def _recorded_sources(out):
+    """The sources tree.json lists (read before the model loads, so a no-op or a refusal is instant)."""
+    try:
+        return json.loads((out / META_FILENAME).read_text()).get("sources", [])
+    except (OSError, ValueError):
+        return []  # no tree.json (yet) or a damaged one: opening the tree reports the latter
+
+
+_SOURCE_KEY = ("path", "bytes", "sha256", "bos", "encoding")
+
+
+def _same_source(a, b):
+    return all(a.get(k) == b.get(k) for k in _SOURCE_KEY)
+
+
+def plan_sources(out, identities, append, tree_exists):
+    """For each input: 'whole' (already in the tree), 'resume' (the interrupted last source) or
+    'new'. Raises ValueError when the command cannot continue this tree."""
+    recorded = _recorded_sources(out) if tree_exists else []
+    partial = recorded[-1] if recorded and recorded[-1].get("tokens") is None else None
+    plan = []
+    for ident in identities:
+        matches = [r for r in recorded if _same_source(r, ident)]
+        if matches and matches[-1] is partial:
+            plan.append("resume")
+        elif matches:
+            plan.append("whole")
+        else:
+            plan.append("new")
+    if partial is not None and "resume" not in plan:
+        same_path = [i for i in identities if i["path"] == partial["path"]]
+        why = (" (it has changed since: size or content differ)" if same_path else "")
+        raise ValueError(f"{out} holds an unfinished ingest of {partial['path']}{why}; re-run the command that "
+                         f"ingested it to finish it first, or ingest into another --out")
+    if tree_exists and not append:
+        foreign = [r for r in recorded if not any(_same_source(r, i) for i in identities)]
+        if foreign or (not recorded and _tree_has_tokens(out)):
+            what = f"other input ({foreign[0]['path']}, ...)" if foreign else "input this version did not record"
+            raise ValueError(f"{out} already holds a MegaContext tree built from {what}; pass --append to add this "
+                             f"input to it, or choose another --out")
+    return plan
+
+
+def _tree_has_tokens(out):
+    from megacontext.storage import open_ctx
+    try:
+        with open_ctx(out / LEVEL_FILENAMES[0], verify=False) as lod0:
+            return len(lod0) > 0
+    except (OSError, CtxFormatError):
+        return True  # unreadable: do not treat it as an empty tree that may be continued
+
+
+def _gistnet_label(identity):
+    return f"{identity} (id {gistnet_id(identity)}, 0x{gistnet_id(identity):08X})"
+
+
+def _refresh_command(args):
+    return f"python -m megacontext.ingest --config {args.config} --out {args.out} --refresh"
+
+
 def run(args):
-    """Build or extend the tree; returns a dict of what was done."""
+    """Build, continue or extend the tree; returns a dict of what was done."""
     cfg = load_config(args.config)
-    files = list_inputs(args.input, args.glob)
-    total_bytes = check_texts(files, args.encoding)
     out = Path(args.out)
+    if args.refresh:
+        return refresh(args, cfg, out)
+    if args.input is None:
+        raise ValueError("--input is required: a text file or a directory of text files (or pass --refresh)")
+    files, skipped = list_inputs(args.input, args.glob)
+    total_bytes, sizes_hashes = check_texts(files, args.encoding)
+    identities = [{"path": str(path.resolve()), "bytes": size, "sha256": digest, "bos": not args.no_bos,
+                   "encoding": args.encoding} for path, (size, digest) in zip(files, sizes_hashes)]
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a directory for the tree")
-    if _has_tree(out) and not args.append:
-        raise ValueError(f"{out} already holds a MegaContext tree; pass --append to continue it "
-                         f"(same model and GistNet), or choose another --out")
-    if args.append and not _has_tree(out):
+    tree_exists = _has_tree(out)
+    if args.append and not tree_exists:
         raise ValueError(f"--append: {out} holds no MegaContext tree to continue; drop --append to create one")
+    plan = plan_sources(out, identities, args.append, tree_exists)
+    summary = {"out": str(out), "files": len(files), "whole": plan.count("whole"), "resumed": plan.count("resume"),
+               "new": plan.count("new"), "skipped": [str(p) for p in skipped], "tokens_added": 0}
+    if all(action == "whole" for action in plan):
+        summary.update(nothing_to_do=True)
+        return summary
 
     from nanochat.common import autodetect_device_type
     from megacontext.gistnet import token_embeddings
@@ -283,34 +401,75 @@ def run(args):
 
     embed_fn = lambda ids: token_embeddings(model, ids)
     tree_kw = dict(embed_fn=embed_fn, gist_fn=gistnet, durable=False, batch_blocks=cfg["batch_size"], device=device)
-    if args.append:
+    if tree_exists:
         try:
             tree = MegaContextTree.open(out, expect_model_name=model_name, expect_gistnet=identity, **tree_kw)
         except ValueError as e:
-            raise ValueError(f"refusing to append: {e}") from None
+            verb = "append" if args.append else "continue"
+            raise ValueError(f"refusing to {verb}: {e}; to regenerate them with the config's GistNet "
+                             f"{_gistnet_label(identity)} run `{_refresh_command(args)}`") from None
     else:
         tree = MegaContextTree.create(out, model_name, model.config.n_embd, identity, dtype=cfg["dtype"], **tree_kw)
 
     bos = tokenizer.get_bos_token_id()
     start_tokens, t0 = tree.num_tokens, time.time()
-    with tree, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="ingest", file=sys.stderr) as bar:
-        for path in files:
+    # the interrupted source first (it is the tree's last one), then the new ones in input order
+    order = [i for i, a in enumerate(plan) if a == "resume"] + [i for i, a in enumerate(plan) if a == "new"]
+    todo_bytes = sum(identities[i]["bytes"] for i in order)
+    with tree, tqdm(total=todo_bytes, unit="B", unit_scale=True, desc="ingest", file=sys.stderr) as bar:
+        for i in order:
+            path = files[i]
+            if plan[i] == "resume":
+                skip = tree.num_tokens - tree.sources[-1]["start"]  # committed tokens of this source
+                summary["resumed_at"] = {"path": str(path), "tokens": skip}
+            else:
+                tree.begin_source(identities[i])
+                skip = 0
             bar.set_postfix_str(path.name, refresh=False)
-            if not args.no_bos:
-                tree.ingest([bos])
+            stream = [] if args.no_bos else [np.asarray([bos], dtype=np.int64)]
             seen = 0
-            for text, done in read_pieces(path, args.encoding):
-                tree.ingest(np.asarray(tokenizer.encode(text), dtype=np.int64))
-                bar.update(done - seen)
-                seen = done
+
+            def pieces():
+                nonlocal seen
+                yield from stream
+                for text, done in read_pieces(path, args.encoding):
+                    yield np.asarray(tokenizer.encode(text), dtype=np.int64)
+                    bar.update(done - seen)
+                    seen = done
+
+            for ids in pieces():
+                if skip >= ids.size:  # committed before the interruption: tokenized again, not stored again
+                    skip -= ids.size
+                    continue
+                tree.ingest(ids[skip:])
+                skip = 0
                 rate = (tree.num_tokens - start_tokens) / max(time.time() - t0, 1e-9)
                 bar.set_postfix_str(f"{path.name}, {rate:,.0f} tok/s", refresh=False)
-        summary = {"out": str(out), "files": len(files), "tokens_added": tree.num_tokens - start_tokens,
-                   "tokens": tree.num_tokens, "lod1_gists": tree.num_gists(1), "lod2_gists": tree.num_gists(2),
-                   "pending_tokens": tree.pending_tokens, "model_name": model_name, "gistnet": identity,
-                   "seconds": time.time() - t0}
+            tree.end_source()
+        summary.update(tokens_added=tree.num_tokens - start_tokens, tokens=tree.num_tokens,
+                       lod1_gists=tree.num_gists(1), lod2_gists=tree.num_gists(2), pending_tokens=tree.pending_tokens,
+                       model_name=model_name, gistnet=_gistnet_label(identity), seconds=time.time() - t0)
     summary["tokens_per_s"] = summary["tokens_added"] / max(summary["seconds"], 1e-9)
     return summary
+
+
+def refresh(args, cfg, out):
+    """Regenerate all gists of the tree at `out` with the config's GistNet."""
+    if not _has_tree(out):
+        raise ValueError(f"--refresh: {out} holds no MegaContext tree")
+    from nanochat.common import autodetect_device_type
+    from megacontext.gistnet import token_embeddings
+    device = torch.device(cfg["device_type"] or autodetect_device_type())
+    model, _, model_name = load_base_model(cfg, device)
+    gistnet = load_gister(cfg["gistnet"], model.config.n_embd, device)
+    identity = gistnet.identity()
+    t0 = time.time()
+    embed_fn = lambda ids: token_embeddings(model, ids)
+    with MegaContextTree.open(out, expect_model_name=model_name, embed_fn=embed_fn, durable=False,
+                              batch_blocks=cfg["batch_size"], device=device) as tree:
+        tree.refresh(gistnet, identity, embed_fn=embed_fn)
+        return {"out": str(out), "refreshed": True, "tokens": tree.num_tokens, "lod1_gists": tree.num_gists(1),
+                "lod2_gists": tree.num_gists(2), "gistnet": _gistnet_label(identity), "seconds": time.time() - t0}
 
 
 def main(argv=None):
@@ -321,13 +480,25 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted: {args.out} keeps every whole block committed so far "
-              f"(see `python -m megacontext.inspect {args.out}`)", file=sys.stderr)
+        print(f"interrupted: {args.out} keeps every whole block committed so far; re-run the same command "
+              f"to continue from there", file=sys.stderr)
         return 130
-    print(f"{s['out']}: +{s['tokens_added']:,} tokens from {s['files']} file(s) in {s['seconds']:.1f}s "
-          f"({s['tokens_per_s']:,.0f} tok/s); tree holds {s['tokens']:,} tokens, {s['lod1_gists']:,} LOD1 and "
-          f"{s['lod2_gists']:,} LOD2 gists ({s['pending_tokens']} tokens pending in the last block); "
-          f"model {s['model_name']!r}, {s['gistnet']}")
+    if s.get("skipped"):
+        print(f"skipped {len(s['skipped'])} binary file(s) (a NUL byte in the first {BINARY_PROBE_BYTES} bytes), "
+              f"e.g. {s['skipped'][0]}; choose files with --glob")
+    if s.get("refreshed"):
+        print(f"{s['out']}: regenerated {s['lod1_gists']:,} LOD1 and {s['lod2_gists']:,} LOD2 gists over "
+              f"{s['tokens']:,} tokens in {s['seconds']:.1f}s with GistNet {s['gistnet']}")
+        return 0
+    if s.get("nothing_to_do"):
+        print(f"{s['out']}: nothing to do, all {s['files']} source(s) are already whole in the tree")
+        return 0
+    parts = [f"{s['new']} new"] + ([f"1 resumed after {s['resumed_at']['tokens']:,} committed tokens"]
+                                   if s.get("resumed_at") else []) + ([f"{s['whole']} already whole"] if s["whole"] else [])
+    print(f"{s['out']}: +{s['tokens_added']:,} tokens from {s['files']} file(s) ({', '.join(parts)}) in "
+          f"{s['seconds']:.1f}s ({s['tokens_per_s']:,.0f} tok/s); tree holds {s['tokens']:,} tokens, "
+          f"{s['lod1_gists']:,} LOD1 and {s['lod2_gists']:,} LOD2 gists ({s['pending_tokens']} tokens pending in "
+          f"the last block); model {s['model_name']!r}, GistNet {s['gistnet']}")
     return 0
 
 

@@ -37,6 +37,12 @@ interrupted call with its pending tail dropped: `tree.num_tokens` then says how 
 of the stream are safely stored, and the caller feeds the rest again from there. Gists
 missing after a crash are regenerated when the tree is next opened with a gister.
 
+Sources. tree.json also lists where the stream came from (begin_source / end_source): per
+source the caller's identity (megacontext.ingest records path, size and SHA-256), the token
+position it starts at and, once whole, its length. A source is recorded before its first
+token and marked whole after its last, so after a crash the last record says how much of
+which input is committed, and the caller resumes exactly there (ingest is idempotent).
+
 Refreshing after the GistNet changed rewrites LOD1/LOD2 into new files beside the old ones
 and swaps them in through a small journal (refresh.json): a crash before the journal is
 written leaves the old tree, a crash after it is rolled forward on the next writable open.
@@ -269,7 +275,7 @@ class MegaContextTree:
             raise ValueError(f"gist dtype must be 'fp16' or 'bf16', got {dtype!r}")
         files = create_tree_dir(directory, block_size=block_size, embedding_dim=embedding_dim, dtype=dtype,
                                 model_name=model_name, gistnet=gistnet_name, durable=durable)
-        meta = {"gistnet_name": gistnet_name, "lod0_blocks": 0, "tail": [], "stale_lod1_blocks": []}
+        meta = {"gistnet_name": gistnet_name, "lod0_blocks": 0, "tail": [], "stale_lod1_blocks": [], "sources": []}
         tree = cls(directory, files, meta, writable=True, embed_fn=embed_fn, gist_fn=gist_fn,
                    gistnet_name=gistnet_name, durable=durable, batch_blocks=batch_blocks, device=device)
         tree._save_meta()
@@ -383,12 +389,13 @@ class MegaContextTree:
             tail = np.zeros(0, dtype=np.int64)
         self._tail = tail
         self._stale = _merge_ranges([list(r) for r in meta.get("stale_lod1_blocks", [])])
+        self._sources = [dict(s) for s in meta.get("sources", [])]
 
     def _meta(self):
         return {"format": META_FORMAT, "version": META_VERSION, "block_size": self.block_size,
                 "model_name": self.model_name, "gistnet_name": self.gistnet_name,
                 "lod0_blocks": len(self._files[0]), "tail": [int(t) for t in self._tail],
-                "stale_lod1_blocks": self._stale}
+                "stale_lod1_blocks": self._stale, "sources": self._sources}
 
     def _save_meta(self):
         _write_json_atomically(self.directory / META_FILENAME, self._meta(), self.durable)
@@ -399,6 +406,33 @@ class MegaContextTree:
             f.refresh()
         self._load_meta(self._read_meta(self.directory, self._files[0]))
         return self.num_tokens
+
+    # --- sources: which inputs the token stream came from, and how far each is committed ---
+
+    @property
+    def sources(self):
+        """The recorded sources, in stream order: dicts with the caller's identity fields plus
+        "start" (the token position the source begins at) and "tokens" (its length once whole,
+        None while it is being ingested). The committed part of the last, unfinished source is
+        num_tokens - start: after a crash, a caller resumes it by skipping that many tokens."""
+        return [dict(s) for s in self._sources]
+
+    def begin_source(self, identity):
+        """Record that the tokens from here on come from `identity` (a JSON-able dict), before any
+        of them is ingested, so a crash at any later point still says where the source began."""
+        if not self.writable:
+            raise RuntimeError(f"cannot record a source: the tree at {self.directory} was opened read-only")
+        if self._sources and self._sources[-1]["tokens"] is None:
+            raise ValueError(f"the tree is still ingesting {self._sources[-1]}; finish it first")
+        self._sources.append(dict(identity, start=self.num_tokens, tokens=None))
+        self._save_meta()
+
+    def end_source(self):
+        """Mark the last source whole (its tokens are all ingested)."""
+        if not self._sources or self._sources[-1]["tokens"] is not None:
+            raise ValueError("no source is being ingested")
+        self._sources[-1]["tokens"] = self.num_tokens - self._sources[-1]["start"]
+        self._save_meta()
 
     # --- sizes ---
 

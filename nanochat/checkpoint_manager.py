@@ -5,12 +5,16 @@ A checkpoint directory (e.g. <base_dir>/base_checkpoints/d12) holds, per saved s
     model_{step:06d}.pt              the model state_dict (written by rank 0)
     meta_{step:06d}.json             run metadata: model_config, user_config, loop state, ...
     optim_{step:06d}_rank{rank}.pt   this rank's optimizer shard (every rank writes its own)
+    manifest_{step:06d}.json         ours: the commit marker, with each file's size and SHA-256
+plus whatever extra files the caller saves with the step (train.py: loader_*_rank*.pt, mc_*.pt).
 
-Every file is first written to a hidden temporary name in the same directory and then
-renamed into place with os.replace, which is atomic on POSIX. A run that dies mid-save
-therefore leaves either the previous set of files or the new complete file, never a
-truncated model_*.pt that find_last_step (and hence resume / load_model) would pick up.
-The meta file is written before the model file because find_last_step keys on model_*.pt.
+Every file is first written to a hidden temporary name in the same directory, fsynced and
+renamed into place with os.replace, which is atomic on POSIX, so no file is ever half
+written. A step as a whole is committed by its manifest, written after everything else
+(see the section below): find_last_step, load_checkpoint and resume read committed steps
+only, and every file read from one is checked against its recorded checksum. A save that
+finds a NaN or inf in a tensor refuses to write anything. Temp files left by killed saves
+are removed by the next save.
 
 Bad input (missing directory, missing step, unreadable file, a checkpoint that does not
 fit the model its metadata describes) raises FileNotFoundError / ValueError / RuntimeError
@@ -19,10 +23,13 @@ with a one-line message that names the path and says what to do about it.
 import os
 import re
 import json
+import time
 import uuid
+import hashlib
 import logging
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import get_base_dir, setup_default_logging
 from nanochat.gpt import GPT, GPTConfig
@@ -62,7 +69,20 @@ def _patch_missing_keys(model_data, model_config):
         log0("Patching missing x0_lambdas in model data to 0.0")
 
 # -----------------------------------------------------------------------------
-# File names and crash-safe writes
+# File names, crash-safe writes and the commit manifest
+#
+# A step is committed by manifest_{step:06d}.json, written last, after every other file
+# of the step is durable on every rank. It records, for each file of the step (model,
+# meta, every rank's optim, loader snapshots, mc_ state), its size and SHA-256, and every
+# read of a file of a committed step checks them. The first thing a save writes is the
+# same manifest marked pending, so a save killed at any point leaves a step that readers
+# recognise as unfinished and skip. A step with model_*.pt and no manifest at all was
+# written by upstream's save_checkpoint (or by ours before manifests existed): it is
+# read as upstream reads it, without checks. The data files keep upstream's names and
+# contents, so upstream's loaders read our checkpoints unchanged.
+
+# process start: temp files older than this were left by a writer that has died
+_PROCESS_START = time.time()
 
 
 def _model_path(checkpoint_dir, step):
@@ -77,22 +97,44 @@ def _optim_path(checkpoint_dir, step, rank):
     return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank:d}.pt")
 
 
+def manifest_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"manifest_{step:06d}.json")
+
+
+class _HashingWriter:
+    """A file wrapper that hashes the bytes as they are written, so a save never re-reads its file."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.nbytes = f, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.nbytes += len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
 def _write_atomically(path, write_fn):
     """
     Call write_fn(f) on a binary file opened at a temporary name next to `path`, flush it
     to disk, then rename it over `path`. On any failure the temporary file is removed and
     `path` is left as it was. The temporary name starts with a dot and ends in .tmp so
     that no checkpoint glob (model_*.pt, meta_*.json) can ever match it.
+    Returns {"bytes": size, "sha256": hex digest} of what was written.
     """
     directory, name = os.path.split(path)
     tmp_path = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         # plain open (not mkstemp) so the final file gets the usual umask permissions
         with open(tmp_path, "xb") as f:
-            write_fn(f)
+            writer = _HashingWriter(f)
+            write_fn(writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+        _fsync_dir(directory)
     except BaseException:
         # BaseException: a Ctrl-C in the middle of a multi-GB save must not leave litter either
         try:
@@ -100,35 +142,218 @@ def _write_atomically(path, write_fn):
         except FileNotFoundError:
             pass
         raise
+    return {"bytes": writer.nbytes, "sha256": writer.sha256.hexdigest()}
 
 
-def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
-    """Save one step. Rank 0 writes the model and metadata; each rank writes its own optimizer shard."""
+def _fsync_dir(directory):
+    # the rename itself is only durable once the directory entry is on disk
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(checkpoint_dir):
+    """Remove .*.tmp files that a killed save left behind (older than this process); returns their names."""
+    removed = []
+    try:
+        names = os.listdir(checkpoint_dir)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        path = os.path.join(checkpoint_dir, name)
+        try:
+            # newer ones may belong to another rank of this very run, saving right now
+            if os.path.getmtime(path) < _PROCESS_START:
+                os.remove(path)
+                removed.append(name)
+        except FileNotFoundError:
+            pass
+    if removed:
+        log0(f"Removed {len(removed)} temporary file(s) left by an interrupted save in {checkpoint_dir}")
+    return removed
+
+
+def _first_non_finite(obj, prefix=""):
+    """Name of the first floating-point tensor in a (nested) state dict that holds a NaN or inf, else None."""
+    if torch.is_tensor(obj):
+        if obj.is_floating_point() and obj.numel() > 0:
+            # one reduction, no mask: a NaN or inf anywhere makes the sum non-finite; only then
+            # (or when a huge finite sum overflows) is the exact elementwise check needed
+            if not bool(torch.isfinite(obj.sum(dtype=torch.float32))) and not bool(torch.isfinite(obj).all()):
+                return prefix or "<tensor>"
+        return None
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = _first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _gather_records(records, rank, optimizer_data):
+    """All ranks' {file: record} on rank 0. A save with optimizer state runs on every rank
+    (the optimizer is sharded, as upstream saves it); a model-only save runs on rank 0 alone."""
+    if optimizer_data is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return records, 1
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return merged, len(gathered)
+
+
+def _torch_saver(obj):
+    return lambda f: torch.save(obj, f)
+
+
+# a test hook: called with each file name just before it is written (a test raises in it to
+# play a process killed between two writes)
+_before_write = None
+
+
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, extra_files=None):
+    """
+    Save one step. Rank 0 writes the model and metadata; each rank writes its own optimizer
+    shard and its extra_files ({file name: object for torch.save}, e.g. loader snapshots).
+    The step is committed (manifest_{step}.json) only once every file is on disk; a save
+    with a NaN/inf in any tensor writes nothing and raises ValueError.
+    """
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    own = {}
     if rank == 0:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        # metadata first: model_*.pt is what marks a step as present, so it must come last
-        meta_path = _meta_path(checkpoint_dir, step)
+        # json.dumps before any write, so unserializable metadata leaves no trace on disk
         meta_bytes = json.dumps(meta_data, indent=2).encode("utf-8")
-        _write_atomically(meta_path, lambda f: f.write(meta_bytes))
-        logger.info(f"Saved metadata to: {meta_path}")
-        model_path = _model_path(checkpoint_dir, step)
-        _write_atomically(model_path, lambda f: torch.save(model_data, f))
-        logger.info(f"Saved model parameters to: {model_path}")
-    # the optimizer state is sharded across ranks, so there is one file per rank
+        own[os.path.basename(_meta_path(checkpoint_dir, step))] = lambda f: f.write(meta_bytes)
     if optimizer_data is not None:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        optimizer_path = _optim_path(checkpoint_dir, step, rank)
-        _write_atomically(optimizer_path, lambda f: torch.save(optimizer_data, f))
-        logger.info(f"Saved optimizer state to: {optimizer_path}")
+        own[os.path.basename(_optim_path(checkpoint_dir, step, rank))] = _torch_saver(optimizer_data)
+    for name, obj in (extra_files or {}).items():
+        own[name] = _torch_saver(obj)
+    # refuse to persist a diverged run: a NaN weight saved is a NaN model loaded
+    for what, data in [("model", model_data if rank == 0 else None), ("optimizer state", optimizer_data),
+                       *[(name, obj) for name, obj in (extra_files or {}).items()]]:
+        bad = _first_non_finite(data)
+        if bad is not None:
+            raise ValueError(
+                f"refusing to save step {step} to {checkpoint_dir}: {bad} in the {what} holds NaN or inf; "
+                f"the run has diverged, so resume from an earlier step (e.g. with a lower learning rate)")
+    if rank == 0:
+        remove_stale_temp_files(checkpoint_dir)
+    # uncommit first: from here until the final manifest, readers skip this step. Every rank
+    # writes it (identical bytes, atomic rename) so none overwrites a file of a committed step.
+    pending = json.dumps({"step": step, "committed": False}).encode("utf-8")
+    _write_atomically(manifest_path(checkpoint_dir, step), lambda f: f.write(pending))
+    records = {}
+    for name, write_fn in own.items():
+        if _before_write is not None:
+            _before_write(name)
+        records[name] = _write_atomically(os.path.join(checkpoint_dir, name), write_fn)
+        logger.info(f"Saved {name} to {checkpoint_dir}")
+    records, world_size = _gather_records(records, rank, optimizer_data)
+    if rank != 0:
+        return
+    # the model file last: upstream's readers key on model_*.pt, so they too see it only once
+    # the rest of the step is there
+    model_name = os.path.basename(_model_path(checkpoint_dir, step))
+    if _before_write is not None:
+        _before_write(model_name)
+    records[model_name] = _write_atomically(os.path.join(checkpoint_dir, model_name), _torch_saver(model_data))
+    logger.info(f"Saved model parameters to: {_model_path(checkpoint_dir, step)}")
+    manifest = {"step": step, "committed": True, "world_size": world_size, "files": dict(sorted(records.items()))}
+    manifest_bytes = json.dumps(manifest, indent=2).encode("utf-8")
+    if _before_write is not None:
+        _before_write(os.path.basename(manifest_path(checkpoint_dir, step)))
+    _write_atomically(manifest_path(checkpoint_dir, step), lambda f: f.write(manifest_bytes))
+    log0(f"Committed step {step} in {checkpoint_dir} ({len(records)} files)")
 
 # -----------------------------------------------------------------------------
 # Reading, with errors that say what went wrong and how to fix it
 
 
 def _list_steps(checkpoint_dir):
-    """Sorted steps that have a model file in checkpoint_dir (same matching rule as find_last_step)."""
-    names = [f for f in os.listdir(checkpoint_dir) if re.search(r'model_(\d+)\.pt$', f)]
-    return sorted(int(f.split("_")[-1].split(".")[0]) for f in names)
+    """Sorted steps that have a model file or a manifest in checkpoint_dir."""
+    steps = set()
+    for name in os.listdir(checkpoint_dir):
+        m = re.fullmatch(r'(?:model_(\d+)\.pt|manifest_(\d+)\.json)', name)
+        if m:
+            steps.add(int(m.group(1) or m.group(2)))
+    return sorted(steps)
+
+
+def read_manifest(checkpoint_dir, step):
+    """The step's manifest dict, or None when it has none (a step written by upstream's saver)."""
+    path = manifest_path(checkpoint_dir, step)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint manifest {path} is damaged ({e}); load an earlier step, "
+                         f"or delete this step's files") from e
+    if not isinstance(manifest, dict) or "committed" not in manifest:
+        raise ValueError(f"checkpoint manifest {path} has no 'committed' entry; it was not written by "
+                         f"save_checkpoint, delete it or load an earlier step")
+    return manifest
+
+
+def step_status(checkpoint_dir, step):
+    """(status, manifest): 'committed', 'pending' (a save that did not finish), 'legacy' (model file
+    without manifest, as upstream writes) or 'missing'."""
+    manifest = read_manifest(checkpoint_dir, step)
+    if manifest is not None:
+        return ("committed" if manifest["committed"] else "pending"), manifest
+    if os.path.exists(_model_path(checkpoint_dir, step)):
+        return "legacy", None
+    return "missing", None
+
+
+def _usable_steps(checkpoint_dir):
+    return [s for s in _list_steps(checkpoint_dir) if step_status(checkpoint_dir, s)[0] in ("committed", "legacy")]
+
+
+def _not_committed_error(checkpoint_dir, step):
+    usable = _usable_steps(checkpoint_dir)
+    hint = f"the last committed step is {usable[-1]}" if usable else "no step there is committed"
+    return FileNotFoundError(
+        f"step {step} in {checkpoint_dir} was never committed (its save was interrupted before "
+        f"{os.path.basename(manifest_path(checkpoint_dir, step))} was completed); {hint}, "
+        f"load or resume from that one")
+
+
+def _verify(path, step, manifest):
+    """Check a file of a committed step against the size and SHA-256 its manifest recorded."""
+    if manifest is None:
+        return  # upstream-written step: nothing recorded to check against
+    name = os.path.basename(path)
+    record = manifest.get("files", {}).get(name)
+    if record is None:
+        return  # not part of the step (the caller's own not-found message applies)
+    fix = ("the file is damaged; load an earlier step, or restore the file from a copy "
+           f"(expected {record['bytes']} bytes, sha256 {record['sha256'][:16]}...)")
+    size = os.path.getsize(path)
+    if size != record["bytes"]:
+        raise RuntimeError(f"{path} has {size} bytes but step {step} was committed with {record['bytes']}; {fix}")
+    sha256 = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha256.update(chunk)
+    if sha256.hexdigest() != record["sha256"]:
+        raise RuntimeError(f"{path} does not match the checksum recorded when step {step} was committed; {fix}")
 
 
 def _other_base_dirs_holding(path):
@@ -164,9 +389,10 @@ def _require_dir(path, what):
             f"or point NANOCHAT_BASE_DIR at the directory that holds your checkpoints{hint}")
 
 
-def _torch_load(path, device, what, fix):
+def _torch_load(path, device, what, fix, step=None, manifest=None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path} not found; {fix}")
+    _verify(path, step, manifest)
     try:
         return torch.load(path, map_location=device)
     except Exception as e:
@@ -177,29 +403,57 @@ def _torch_load(path, device, what, fix):
             f"delete this step's files and load an earlier step, or re-save it") from e
 
 
+def _committed_manifest(checkpoint_dir, step):
+    """The manifest of a step that may be read (None for an upstream-written one); raises for a half step."""
+    status, manifest = step_status(checkpoint_dir, step)
+    if status == "pending":
+        raise _not_committed_error(checkpoint_dir, step)
+    return manifest
+
+
+def load_checkpoint_file(checkpoint_dir, step, name, device, what="checkpoint file", fix="load an earlier step"):
+    """torch.load one more file of a step (loader snapshot, mc_ state), checked against the manifest.
+    Returns None when the step has no such file and its manifest does not list one."""
+    manifest = _committed_manifest(checkpoint_dir, step)
+    path = os.path.join(checkpoint_dir, name)
+    listed = manifest is not None and name in manifest.get("files", {})
+    if not os.path.exists(path) and not listed:
+        return None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path} is missing although step {step} was committed with it; "
+                                f"restore it or {fix}")
+    return _torch_load(path, device, what, fix, step, manifest)
+
+
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     """Return (model_data, optimizer_data or None, meta_data) for one saved step."""
     _require_dir(checkpoint_dir, "checkpoint directory")
+    manifest = _committed_manifest(checkpoint_dir, step)
     model_path = _model_path(checkpoint_dir, step)
     if not os.path.exists(model_path):
-        steps = _list_steps(checkpoint_dir)
+        steps = _usable_steps(checkpoint_dir)
         available = ", ".join(str(s) for s in steps) if steps else "none"
         raise FileNotFoundError(
             f"no checkpoint for step {step} in {checkpoint_dir} (model file {model_path} missing; "
             f"available steps: {available}); pass one of the available steps or omit the step to use the last")
     model_data = _torch_load(model_path, device, "model checkpoint",
-                             "pass a step that exists in the checkpoint directory")
+                             "pass a step that exists in the checkpoint directory", step, manifest)
     optimizer_data = None
     if load_optimizer:
-        optimizer_data = _torch_load(
-            _optim_path(checkpoint_dir, step, rank), device, "optimizer checkpoint",
-            "it is written at save time by every rank; resume with the same world size "
-            "from a step saved with its optimizer state")
+        if manifest is not None:
+            fix = (f"step {step} was saved by {manifest.get('world_size', 1)} rank(s); resume with that many "
+                   f"processes, or from a step saved with its optimizer state")
+        else:
+            fix = ("it is written at save time by every rank; resume with the same world size "
+                   "from a step saved with its optimizer state")
+        optimizer_data = _torch_load(_optim_path(checkpoint_dir, step, rank), device, "optimizer checkpoint",
+                                     fix, step, manifest)
     meta_path = _meta_path(checkpoint_dir, step)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(
             f"metadata file {meta_path} not found (the model file exists without it); "
             f"restore it or load a different step")
+    _verify(meta_path, step, manifest)
     try:
         with open(meta_path, "r", encoding="utf-8") as f:
             meta_data = json.load(f)
@@ -311,13 +565,22 @@ def find_largest_model(checkpoints_dir):
 
 
 def find_last_step(checkpoint_dir):
-    """The highest step that has a model_<step>.pt in checkpoint_dir."""
+    """The highest committed step in checkpoint_dir (or, for upstream-written steps, the highest
+    model_<step>.pt). Newer steps whose save never finished are skipped, with a log line saying so."""
     _require_dir(checkpoint_dir, "checkpoint directory")
     steps = _list_steps(checkpoint_dir)
-    if not steps:
-        raise FileNotFoundError(f"No checkpoints found in {checkpoint_dir} (no model_<step>.pt files); "
-                                f"train or copy a checkpoint there, or pick another model tag")
-    return steps[-1]
+    for step in reversed(steps):
+        status, _ = step_status(checkpoint_dir, step)
+        if status in ("committed", "legacy"):
+            return step
+        log0(f"Skipping step {step} in {checkpoint_dir}: its save did not finish (no committed "
+             f"{os.path.basename(manifest_path(checkpoint_dir, step))}); looking at earlier steps")
+    if steps:
+        raise FileNotFoundError(f"No committed checkpoint in {checkpoint_dir}: every step's save was interrupted "
+                                f"(steps {', '.join(map(str, steps))}); train again or copy a checkpoint there")
+    raise FileNotFoundError(f"No checkpoints found in {checkpoint_dir} (no model_<step>.pt files); "
+                            f"train or copy a checkpoint there, or pick another model tag")
+
 
 # -----------------------------------------------------------------------------
 # Convenience loaders that know nanochat's directory layout
@@ -361,9 +624,10 @@ def load_optimizer_state(source, device, rank, model_tag=None, step=None):
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     if step is None:
         step = find_last_step(checkpoint_dir)
+    manifest = _committed_manifest(checkpoint_dir, step)
     optimizer_path = _optim_path(checkpoint_dir, step, rank)
     if not os.path.exists(optimizer_path):
         log0(f"Optimizer checkpoint not found: {optimizer_path}")
         return None
     log0(f"Loading optimizer state from {optimizer_path}")
-    return _torch_load(optimizer_path, device, "optimizer checkpoint", "")
+    return _torch_load(optimizer_path, device, "optimizer checkpoint", "", step, manifest)

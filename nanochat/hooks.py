@@ -133,12 +133,20 @@ def variant_state_path(checkpoint_dir, step):
     return os.path.join(checkpoint_dir, f"mc_{step:06d}.pt")
 
 
-def save_variant_state(variant, checkpoint_dir, step, rank=0):
-    """Save the variant's state next to upstream's files (rank 0 only; write temp then rename)."""
+def save_variant_state(variant, checkpoint_dir, step, rank=0, into=None):
+    """
+    Save the variant's state next to upstream's files (rank 0 only). With `into` (the dict of
+    extra files that save_checkpoint writes with the step) the state joins that dict, so it is
+    checksummed and committed with the rest of the step; without, it is written on its own
+    (temp name, then rename). Returns the path, or None when there is nothing to save.
+    """
     state_dict = getattr(variant, "state_dict", None)
     if state_dict is None or rank != 0:
         return None
     path = variant_state_path(checkpoint_dir, step)
+    if into is not None:
+        into[os.path.basename(path)] = state_dict()
+        return path
     tmp_path = path + ".tmp"
     torch.save(state_dict(), tmp_path)
     os.replace(tmp_path, path)
@@ -146,14 +154,18 @@ def save_variant_state(variant, checkpoint_dir, step, rank=0):
 
 
 def load_variant_state(variant, checkpoint_dir, step, device):
+    """Load mc_XXXXXX.pt into the variant, checked against the step's manifest when it has one."""
     load = getattr(variant, "load_state_dict", None)
     if load is None:
         return False
+    from nanochat.checkpoint_manager import load_checkpoint_file  # imported late: hooks stays light
     path = variant_state_path(checkpoint_dir, step)
-    if not os.path.exists(path):
+    state = load_checkpoint_file(checkpoint_dir, step, os.path.basename(path), device,
+                                 what="variant state", fix="resume from a step that was saved by the same variant")
+    if state is None:
         raise FileNotFoundError(f"variant '{variant.name}' has no state at {path}; "
                                 f"resume from a step that was saved by the same variant")
-    load(torch.load(path, map_location=device))
+    load(state)
     return True
 
 

@@ -35,7 +35,7 @@ from nanochat.gpt import GPT, GPTConfig, Linear
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit, tokenizing_distributed_data_loader_with_state_bos_bestfit, pack_doc_buffer
 from nanochat.common import compute_init, compute_cleanup, print0, DummyWandb, print_banner, get_base_dir, autodetect_device_type, get_peak_flops, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, is_ddp_initialized
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
-from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint
+from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, load_checkpoint_file, step_status
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.engine import Engine
 from nanochat import hooks
@@ -146,11 +146,9 @@ def loader_state_path(checkpoint_dir, step, rank):
     return os.path.join(checkpoint_dir, f"loader_{step:06d}_rank{rank:d}.pt")
 
 
-def save_loader_state(checkpoint_dir, step, rank, snapshot):
-    """Write this rank's exact dataloader snapshot beside the checkpoint (temp name, then rename)."""
-    path = loader_state_path(checkpoint_dir, step, rank)
-    torch.save(pack_doc_buffer(snapshot), path + ".tmp")
-    os.replace(path + ".tmp", path)
+def loader_state_files(step, rank, snapshot):
+    """This rank's exact dataloader snapshot, as an extra file for save_checkpoint to write and commit."""
+    return {os.path.basename(loader_state_path("", step, rank)): pack_doc_buffer(snapshot)}
 
 
 SAMPLE_PROMPTS = [
@@ -234,8 +232,17 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", output_dirname)
     resuming = args.resume_from_step != -1
     if resuming:
-        print0(f"Resuming optimization from step {args.resume_from_step}")
+        # only a committed step (or an upstream-written one) loads; a half-saved step is refused by name
         model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True, rank=ddp_rank)
+        committed = step_status(checkpoint_dir, args.resume_from_step)[0] == "committed"
+        print0(f"Resuming optimization from step {args.resume_from_step} "
+               f"({'committed, checksums verified' if committed else 'no manifest: written by upstream, not verified'})")
+        for key in ("step", "loop_state", "val_bpb", "dataloader_state_dict"):
+            if key not in meta_data:
+                meta_path = os.path.join(checkpoint_dir, f"meta_{args.resume_from_step:06d}.json")
+                raise ValueError(f"{meta_path} has no '{key}' entry, so training "
+                                 f"cannot resume from it (it was not saved by a pre-training run); resume from a step saved by "
+                                 f"base_train / nanochat.train, or start without --resume-from-step")
         model.load_state_dict(model_data, strict=True, assign=True)
         del model_data
 
@@ -321,8 +328,10 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
     if resuming:
         dataloader_resume_state_dict = dict(meta_data["dataloader_state_dict"])
         loader_path = loader_state_path(checkpoint_dir, args.resume_from_step, ddp_rank)
-        if os.path.exists(loader_path):
-            dataloader_resume_state_dict["exact"] = torch.load(loader_path)
+        snapshot = load_checkpoint_file(checkpoint_dir, args.resume_from_step, os.path.basename(loader_path), device="cpu",
+                                        what="loader snapshot", fix="resume from an earlier step")
+        if snapshot is not None:
+            dataloader_resume_state_dict["exact"] = snapshot
             print0("Resuming the dataloader exactly (loader snapshot found)")
         else:
             print0(f"No loader snapshot at {loader_path}: resuming the dataloader from the next row group, as upstream")
@@ -455,6 +464,9 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
 
         # Checkpoint: at the end, and every save_every steps (not at step 0 or the resume step)
         if last_step or (step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0):
+            # every file of the step goes through save_checkpoint, which commits them together
+            extra_files = loader_state_files(step, ddp_rank, dataloader_state_dict["exact"])
+            hooks.save_variant_state(variant, checkpoint_dir, step, rank=ddp_rank, into=extra_files)  # hook: mc_XXXXXX.pt beside upstream's files
             save_checkpoint(
                 checkpoint_dir,
                 step,
@@ -476,9 +488,8 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
                     },
                 },
                 rank=ddp_rank,
+                extra_files=extra_files,
             )
-            save_loader_state(checkpoint_dir, step, ddp_rank, dataloader_state_dict["exact"])
-            hooks.save_variant_state(variant, checkpoint_dir, step, rank=ddp_rank)  # hook: mc_XXXXXX.pt beside upstream's files
 
         if last_step:
             break

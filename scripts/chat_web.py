@@ -22,7 +22,9 @@ Endpoints:
 Limits, answered with 4xx and {"detail": "<one line>"} (upstream's numbers):
   at most 500 messages, 8000 characters per message, 32000 characters in all;
   temperature 0.0-2.0, top_k 0-200 (0 = whole vocabulary), max_tokens 1-4096;
-  request body at most 1 MB (413); body not JSON or not the shape above (400);
+  request body at most 1 MB (413); body not UTF-8, not JSON, nested too deeply or not the
+  shape above (400); past --max-queue (32) requests waiting for a worker, 503 with
+  Retry-After (ours: upstream queues without bound);
   roles alternate user, assistant, ... and the last message is the user's (400);
   the last message must fit the model's context (400; older turns are dropped instead,
   by the policy in nanochat/chat.py).
@@ -63,6 +65,9 @@ MIN_MAX_TOKENS = 1
 MAX_MAX_TOKENS = 4096
 # 32000 characters of content can grow ~6x as JSON escapes (\uXXXX), plus keys and quotes
 MAX_REQUEST_BYTES = 1_000_000
+# ours: requests allowed to wait for a busy worker before new ones get 503 + Retry-After
+DEFAULT_MAX_QUEUE = 32
+RETRY_AFTER_SECONDS = 5
 
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(chat.__file__)), "ui.html")
 
@@ -81,6 +86,8 @@ def build_parser():
     parser.add_argument("-p", "--port", type=int, default=8000, help="Port to run the server on")
     parser.add_argument("--device-type", type=str, default="", choices=["cuda", "cpu", "mps"], help="Device type for evaluation: cuda|cpu|mps. empty => autodetect")
     parser.add_argument("--host", type=str, default="0.0.0.0", help="Host to bind the server to")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"requests that may wait for a busy worker; more get 503 with Retry-After (default: {DEFAULT_MAX_QUEUE})")
     return parser
 
 # -----------------------------------------------------------------------------
@@ -117,6 +124,8 @@ class WorkerPool:
         self.workers: List[Worker] = []
         self.meta = {}
         self.available = None  # an asyncio.Queue, made inside the server's event loop
+        self.waiting = 0  # requests waiting for a worker right now
+        self.max_waiting = DEFAULT_MAX_QUEUE  # past this many waiting, new requests get a 503
 
     def load(self, source, model_tag=None, step=None):
         """Load a replica on each device (blocking; done before the server starts)."""
@@ -133,8 +142,15 @@ class WorkerPool:
         for worker in self.workers:
             self.available.put_nowait(worker)
 
+    def queue_is_full(self):
+        return self.free_count() == 0 and self.waiting >= self.max_waiting
+
     async def acquire(self) -> Worker:
-        return await self.available.get()
+        self.waiting += 1
+        try:
+            return await self.available.get()
+        finally:
+            self.waiting -= 1
 
     def release(self, worker: Worker):
         # no await: this runs in `finally` blocks of cancelled streams, where awaiting is not possible
@@ -177,14 +193,25 @@ async def read_chat_request(request: Request) -> ChatRequest:
     body = b"".join(body)
     if not body.strip():
         raise bad_request('request body is empty; send JSON like {"messages": [{"role": "user", "content": "Hi"}]}')
+    # decode ourselves: json.loads would guess UTF-16/32 from the bytes, or call them bad JSON
     try:
-        data = json.loads(body)
-    except UnicodeDecodeError:
-        raise bad_request("request body is not UTF-8 text")
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"request body is not UTF-8 text (byte 0x{body[e.start]:02X} at offset {e.start}); "
+                          f"send the JSON encoded as UTF-8")
+    if "\x00" in text:
+        raise bad_request("request body is not UTF-8 text (it has NUL bytes, as UTF-16 or UTF-32 would); "
+                          "send the JSON encoded as UTF-8")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise bad_request(f"request body is not valid JSON: {e}")
+    except RecursionError:
+        raise bad_request("request body nests JSON too deeply; a chat request is an object with a list of messages")
     try:
         return ChatRequest.model_validate(data)
+    except RecursionError:
+        raise bad_request("request body nests JSON too deeply; a chat request is an object with a list of messages")
     except ValidationError as e:
         errors = e.errors()
         first = errors[0]
@@ -245,6 +272,7 @@ def create_app(args, pool, variant=None):
     defaults = dict(chat.DEFAULTS, source=args.source, model_tag=args.model_tag, step=args.step,
                     temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
                     device_type=args.device_type)
+    pool.max_waiting = getattr(args, "max_queue", DEFAULT_MAX_QUEUE)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -277,6 +305,11 @@ def create_app(args, pool, variant=None):
         for message in messages:
             logger.info(f"[{message['role'].upper()}]: {message['content']}")
 
+        if pool.queue_is_full():
+            # a bounded queue: past it, waiting only grows latency for everyone
+            raise HTTPException(status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                                detail=f"server busy: {pool.waiting} request(s) already wait for a worker "
+                                       f"(--max-queue {pool.max_waiting}); retry in {RETRY_AFTER_SECONDS} s")
         worker = await pool.acquire()
         try:
             config = dict(defaults, seed=random.randint(0, 2**31 - 1))
@@ -365,6 +398,8 @@ def check_args(args):
         raise ValueError(f"--top-k must be between {MIN_TOP_K} and {MAX_TOP_K}")
     if not MIN_MAX_TOKENS <= args.max_tokens <= MAX_MAX_TOKENS:
         raise ValueError(f"--max-tokens must be between {MIN_MAX_TOKENS} and {MAX_MAX_TOKENS}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be 0 or more (requests allowed to wait), got {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
 

@@ -74,7 +74,7 @@ def test_rl_steps_write_a_loadable_checkpoint(sft_base_dir, monkeypatch):
 
     ckpt = sft_base_dir / "chatrl_checkpoints" / "d2"
     # saved at the last step (index 1) only, and without optimizer state
-    assert {p.name for p in ckpt.iterdir()} == {"model_000001.pt", "meta_000001.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"model_000001.pt", "meta_000001.json", "manifest_000001.json"}
     meta = json.loads((ckpt / "meta_000001.json").read_text())
     sft_meta = json.loads((sft_base_dir / "chatsft_checkpoints" / "d2" / "meta_000040.json").read_text())
     assert meta == {"model_config": sft_meta["model_config"]}

@@ -198,7 +198,8 @@ def test_sft_step_lines_end_with_an_eta(sft_run):
 def test_sft_run_writes_a_loadable_checkpoint(sft_run, upstream_fixtures, monkeypatch):
     base, summary = sft_run
     ckpt = base / "chatsft_checkpoints" / "d2"
-    assert {p.name for p in ckpt.iterdir()} == {"model_000002.pt", "meta_000002.json", "optim_000002_rank0.pt"}
+    assert {p.name for p in ckpt.iterdir()} == {"model_000002.pt", "meta_000002.json", "optim_000002_rank0.pt",
+                                                "manifest_000002.json"}
     assert summary["step"] == 2 and summary["checkpoint_dir"] == str(ckpt)
     assert len(summary["train_losses"]) == 2 and all(math.isfinite(l) for l in summary["train_losses"])
     assert math.isfinite(summary["val_bpb"])
@@ -283,6 +284,10 @@ def test_two_cpu_ranks_under_torchrun(upstream_fixtures, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ckpt = base / "chatsft_checkpoints" / "d2"
     assert {"model_000002.pt", "optim_000002_rank0.pt", "optim_000002_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+    # both ranks' shards are in the step's commit (gathered to rank 0 before it wrote the manifest)
+    manifest = json.loads((ckpt / "manifest_000002.json").read_text())
+    assert manifest["committed"] and manifest["world_size"] == 2
+    assert {"optim_000002_rank0.pt", "optim_000002_rank1.pt", "model_000002.pt"} <= set(manifest["files"])
 
 
 @pytest.mark.slow

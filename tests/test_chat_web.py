@@ -215,6 +215,12 @@ def test_limits_give_400_with_a_message(server, payload, message):
     (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', {}, 400, "not UTF-8"),
     (b'{"messages": [{"role": "user", "content": "hi"}]}', {"content-type": "text/plain"}, 200, None),
     (b'{"messages": [' + b" " * 1_000_001 + b"]}", {"content-type": "application/json"}, 413, "at most 1000000"),
+    # 200,000 levels of nesting: the JSON parser's recursion limit, once a 500
+    (b'{"messages": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", {"content-type": "application/json"}, 400,
+     "nests JSON too deeply"),
+    # UTF-16, with and without a byte-order mark: once "not valid JSON"
+    ('{"messages": [{"role": "user", "content": "hi"}]}'.encode("utf-16"), {}, 400, "not UTF-8"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}'.encode("utf-16-le"), {}, 400, "not UTF-8"),
 ])
 def test_malformed_requests_give_4xx(server, body, headers, status, message):
     r = httpx.post(server.url + "/chat/completions", content=body, headers=headers, timeout=60)
@@ -222,6 +228,36 @@ def test_malformed_requests_give_4xx(server, body, headers, status, message):
     if message is not None:
         detail = r.json()["detail"]
         assert message in detail and "\n" not in detail and "Traceback" not in r.text
+
+
+def test_queue_limit_gives_503_with_retry_after(server):
+    server.pool.max_waiting = 1
+    worker_lock = server.pool.workers[0].lock  # generation steps take it: holding it keeps the worker busy
+    results = {}
+
+    def ask(name):
+        results[name] = post_events(server, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in ("served", "queued")]
+    worker_lock.acquire()
+    try:
+        threads[0].start()
+        assert wait_until(lambda: free_workers(server) == 0, timeout_s=30)
+        threads[1].start()
+        assert wait_until(lambda: server.pool.waiting == 1, timeout_s=30)
+        r = httpx.post(server.url + "/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]},
+                       timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] == str(chat_web.RETRY_AFTER_SECONDS)
+        detail = r.json()["detail"]
+        assert "server busy" in detail and "--max-queue 1" in detail and "\n" not in detail
+    finally:
+        worker_lock.release()
+        server.pool.max_waiting = chat_web.DEFAULT_MAX_QUEUE
+    for t in threads:
+        t.join(timeout=120)
+    # both the running and the queued request were served, not dropped
+    assert results["served"][-1] == {"done": True} and results["queued"][-1] == {"done": True}
+    assert wait_until(lambda: free_workers(server) == 1, timeout_s=30)
 
 
 def test_wrong_method_and_path(server):

@@ -140,7 +140,8 @@ def test_save_load_round_trip_with_optimizer(tmp_path, file_state, file_meta):
 
     out = tmp_path / "ckpt"
     save_checkpoint(str(out), 7, file_state, optimizer_data, meta, rank=0)
-    assert sorted(os.listdir(out)) == ["meta_000007.json", "model_000007.pt", "optim_000007_rank0.pt"]
+    assert sorted(os.listdir(out)) == ["manifest_000007.json", "meta_000007.json", "model_000007.pt",
+                                       "optim_000007_rank0.pt"]
     assert json.loads((out / "meta_000007.json").read_text(encoding="utf-8")) == meta
 
     model_data, opt_loaded, meta_loaded = load_checkpoint(str(out), 7, CPU, load_optimizer=True, rank=0)
@@ -164,7 +165,9 @@ def test_saved_checkpoint_builds_the_same_model(tmp_path, file_state, file_meta)
 
 def test_non_zero_rank_writes_only_its_optimizer_shard(tmp_path):
     save_checkpoint(str(tmp_path), 12, {"w": torch.ones(2)}, {"state": {}, "x": torch.arange(3)}, {"step": 12}, rank=3)
-    assert os.listdir(tmp_path) == ["optim_000012_rank3.pt"]
+    # its shard, and the pending marker: only rank 0 commits the step
+    assert sorted(os.listdir(tmp_path)) == ["manifest_000012.json", "optim_000012_rank3.pt"]
+    assert json.loads((tmp_path / "manifest_000012.json").read_text())["committed"] is False
     loaded = torch.load(tmp_path / "optim_000012_rank3.pt")
     assert torch.equal(loaded["x"], torch.arange(3))
 
@@ -202,8 +205,8 @@ def test_crash_mid_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch, fil
 
     def flaky_save(obj, f, *args, **kwargs):
         calls["n"] += 1
-        # the model file is the first torch.save of a rank-0 save, the optimizer the second
-        if (which == "model") == (calls["n"] == 1):
+        # the optimizer shard is the first torch.save of a rank-0 save, the model (written last) the second
+        if (which == "optimizer") == (calls["n"] == 1):
             return crashing(obj, f, *args, **kwargs)
         return real_save(obj, f, *args, **kwargs)
 
@@ -214,14 +217,11 @@ def test_crash_mid_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch, fil
 
     names = os.listdir(tmp_path)
     assert not any(name.endswith(".tmp") for name in names), names  # no temp litter
-    if which == "model":
-        assert "model_000020.pt" not in names
-        assert find_last_step(str(tmp_path)) == 10
-    else:
-        # the model landed whole; only the optimizer shard is missing, and saying so is the loader's job
-        assert "optim_000020_rank0.pt" not in names
-        with pytest.raises(FileNotFoundError, match="optim_000020_rank0.pt"):
-            load_checkpoint(str(tmp_path), 20, CPU, load_optimizer=True)
+    assert "model_000020.pt" not in names
+    # step 20 never committed: readers skip it and say so
+    assert find_last_step(str(tmp_path)) == 10
+    with pytest.raises(FileNotFoundError, match="step 20 .* never committed.*last committed step is 10"):
+        load_checkpoint(str(tmp_path), 20, CPU, load_optimizer=True)
     # earlier checkpoint untouched and loadable
     for name, data in before.items():
         assert (tmp_path / name).read_bytes() == data, name
@@ -238,7 +238,10 @@ def test_crash_while_overwriting_a_step_keeps_the_old_file(tmp_path, monkeypatch
     with pytest.raises(OSError):
         save_checkpoint(str(tmp_path), 10, {"other": torch.zeros(3)}, None, file_meta)
     assert (tmp_path / "model_000010.pt").read_bytes() == original
-    assert sorted(os.listdir(tmp_path)) == ["meta_000010.json", "model_000010.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["manifest_000010.json", "meta_000010.json", "model_000010.pt"]
+    # the rewrite had begun (the meta file was replaced), so step 10 is no longer a whole step
+    with pytest.raises(FileNotFoundError, match="No committed checkpoint.*interrupted"):
+        find_last_step(str(tmp_path))
 
 
 def test_unserializable_meta_writes_nothing(tmp_path, file_state):
@@ -404,3 +407,164 @@ def test_source_directories(monkeypatch, tmp_path):
     assert cm._checkpoints_dir_for("base") == str(tmp_path / "base_checkpoints")
     assert cm._checkpoints_dir_for("sft") == str(tmp_path / "chatsft_checkpoints")
     assert cm._checkpoints_dir_for("rl") == str(tmp_path / "chatrl_checkpoints")
+
+# -----------------------------------------------------------------------------
+# Whole-step commits, checksums, the NaN guard (ours; upstream has none of these)
+
+
+def _save_full_step(directory, step, file_state, file_meta, scale=1.0):
+    """A step with everything train.py saves: model, meta, optimizer shard and an extra (loader) file."""
+    model = {k: v * scale if v.is_floating_point() else v for k, v in file_state.items()}
+    save_checkpoint(str(directory), step, model, {"state": {0: {"m": torch.full((4,), scale)}}},
+                    dict(file_meta, step=step), rank=0,
+                    extra_files={f"loader_{step:06d}_rank0.pt": {"tokens": torch.arange(5) + step}})
+    return model
+
+
+def test_manifest_records_every_file_and_upstreams_readers_still_work(tmp_path, file_state, file_meta):
+    tmp_path = tmp_path / "ckpt"
+    _save_full_step(tmp_path, 8, file_state, file_meta)
+    manifest = json.loads((tmp_path / "manifest_000008.json").read_text())
+    assert manifest["committed"] is True and manifest["step"] == 8 and manifest["world_size"] == 1
+    names = {"model_000008.pt", "meta_000008.json", "optim_000008_rank0.pt", "loader_000008_rank0.pt"}
+    assert set(manifest["files"]) == names
+    import hashlib
+    for name in names:
+        data = (tmp_path / name).read_bytes()
+        assert manifest["files"][name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    # upstream's load_checkpoint is torch.load + json.load on the same names: the files are plain
+    assert_same_tensors(torch.load(tmp_path / "model_000008.pt"), file_state)
+    assert json.loads((tmp_path / "meta_000008.json").read_text())["step"] == 8
+    loader = cm.load_checkpoint_file(str(tmp_path), 8, "loader_000008_rank0.pt", CPU)
+    assert torch.equal(loader["tokens"], torch.arange(5) + 8)
+
+
+def test_a_save_killed_between_any_two_writes_leaves_the_last_committed_step(tmp_path, monkeypatch, file_state,
+                                                                           file_meta, caplog):
+    tmp_path = tmp_path / "ckpt"
+    _save_full_step(tmp_path, 10, file_state, file_meta)
+    committed_10 = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    order = []
+    monkeypatch.setattr(cm, "_before_write", order.append)
+    _save_full_step(tmp_path / "probe", 20, file_state, file_meta)
+    assert order[-2:] == ["model_000020.pt", "manifest_000020.json"]  # model, then the commit, last
+    assert len(order) == 5
+
+    class Killed(BaseException):
+        pass
+
+    for k in range(len(order)):
+        def die_at_kth(name, seen=[]):
+            seen.append(name)
+            if len(seen) == k + 1:
+                raise Killed(name)
+        monkeypatch.setattr(cm, "_before_write", die_at_kth)
+        with pytest.raises(Killed):
+            _save_full_step(tmp_path, 20, file_state, file_meta, scale=2.0)
+        monkeypatch.setattr(cm, "_before_write", None)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="nanochat.checkpoint_manager"):
+            assert find_last_step(str(tmp_path)) == 10, order[k]
+        assert "Skipping step 20" in caplog.text and "did not finish" in caplog.text
+        with pytest.raises(FileNotFoundError, match="step 20 .*never committed.*last committed step is 10"):
+            load_checkpoint(str(tmp_path), 20, CPU, load_optimizer=True)
+        for name, data in committed_10.items():
+            assert (tmp_path / name).read_bytes() == data, (order[k], name)
+        model_data, opt, meta = load_checkpoint(str(tmp_path), 10, CPU, load_optimizer=True)
+        assert meta["step"] == 10 and torch.equal(opt["state"][0]["m"], torch.ones(4))
+    # and a save that runs to the end commits step 20
+    _save_full_step(tmp_path, 20, file_state, file_meta, scale=2.0)
+    assert find_last_step(str(tmp_path)) == 20
+    assert torch.equal(load_checkpoint(str(tmp_path), 20, CPU, load_optimizer=True)[1]["state"][0]["m"],
+                       torch.full((4,), 2.0))
+
+
+KILL_MID_WRITE = r"""
+import os, signal, sys, torch
+import nanochat.checkpoint_manager as cm
+real_write = cm._HashingWriter.write
+def write(self, data):
+    if self.nbytes > 4096:  # part of the model file is on disk under its temp name
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_write(self, data)
+cm._HashingWriter.write = write
+def before(name):
+    if not name.startswith("model_"):
+        cm._HashingWriter.write = real_write
+    else:
+        cm._HashingWriter.write = write
+cm._before_write = before
+cm.save_checkpoint(sys.argv[1], 20, {"w": torch.randn(100000)}, {"m": torch.ones(3)}, {"step": 20})
+"""
+
+
+def test_sigkill_mid_write_then_next_save_removes_the_temp_file(tmp_path, file_state, file_meta):
+    tmp_path = tmp_path / "ckpt"
+    import subprocess, sys
+    save_checkpoint(str(tmp_path), 10, {"w": torch.zeros(3)}, None, {"step": 10})
+    r = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, str(tmp_path)], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert r.returncode == -9, r.stderr[-2000:]
+    stale = [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".model_000020.pt."), os.listdir(tmp_path)
+    assert find_last_step(str(tmp_path)) == 10
+    # a temp file newer than this process may be another rank's save in progress: it stays
+    fresh = tmp_path / ".optim_000030_rank1.pt.999.abcd.tmp"
+    fresh.write_bytes(b"in progress")
+    os.utime(tmp_path / stale[0], (cm._PROCESS_START - 60, cm._PROCESS_START - 60))
+    os.utime(fresh, (cm._PROCESS_START + 1, cm._PROCESS_START + 1))
+    save_checkpoint(str(tmp_path), 30, {"w": torch.ones(3)}, None, {"step": 30})
+    assert not (tmp_path / stale[0]).exists() and fresh.exists()
+    assert find_last_step(str(tmp_path)) == 30
+
+
+def _flip_bytes(path, count=64):
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2
+    for i in range(start, start + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["model_000008.pt", "optim_000008_rank0.pt", "meta_000008.json",
+                                  "loader_000008_rank0.pt"])
+def test_flipped_bytes_are_refused_naming_the_file(tmp_path, file_state, file_meta, name):
+    tmp_path = tmp_path / "ckpt"
+    _save_full_step(tmp_path, 8, file_state, file_meta)
+    _flip_bytes(tmp_path / name, count=min(64, (tmp_path / name).stat().st_size // 4))
+    with pytest.raises(RuntimeError) as ei:
+        if name.startswith("loader_"):
+            cm.load_checkpoint_file(str(tmp_path), 8, name, CPU)
+        else:
+            load_checkpoint(str(tmp_path), 8, CPU, load_optimizer=True)
+    message = one_line(ei)
+    assert name in message and "checksum" in message and "earlier step" in message
+
+
+def test_truncated_file_is_refused_by_size(tmp_path, file_state, file_meta):
+    tmp_path = tmp_path / "ckpt"
+    _save_full_step(tmp_path, 8, file_state, file_meta)
+    path = tmp_path / "loader_000008_rank0.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="loader_000008_rank0.pt has 100 bytes but step 8 was committed with"):
+        cm.load_checkpoint_file(str(tmp_path), 8, "loader_000008_rank0.pt", CPU, what="loader snapshot")
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer", "extra"])
+def test_nan_or_inf_aborts_the_save_and_writes_nothing(tmp_path, file_state, file_meta, where):
+    tmp_path = tmp_path / "ckpt"
+    model, optim, extra = dict(file_state), {"state": {0: {"exp_avg": torch.zeros(3)}}}, {"x.pt": {"v": torch.ones(2)}}
+    if where == "model":
+        bad = model["transformer.wte.weight"].clone()
+        bad[3, 1] = float("nan")
+        model["transformer.wte.weight"] = bad
+    elif where == "optimizer":
+        optim["state"][0]["exp_avg"] = torch.tensor([0.0, float("inf"), 1.0])
+    else:
+        extra["x.pt"]["v"] = torch.tensor([float("-inf")])
+    with pytest.raises(ValueError) as ei:
+        save_checkpoint(str(tmp_path), 5, model, optim, dict(file_meta, step=5), extra_files=extra)
+    message = one_line(ei)
+    assert "NaN or inf" in message and "refusing to save step 5" in message
+    assert {"model": "transformer.wte.weight", "optimizer": "state.0.exp_avg", "extra": "v"}[where] in message
+    assert os.listdir(tmp_path) == []

@@ -218,3 +218,94 @@ def test_caller_keeps_working_after_failures():
     assert socket.socket is not None and callable(socket.getaddrinfo)
     result = execute_code("print(sum(range(10)))")
     assert result.success and result.stdout == "45\n"
+
+# -----------------------------------------------------------------------------
+# Escapes past the Python guard: the kernel (seccomp, Landlock) refuses them
+
+needs_kernel_isolation = pytest.mark.skipif(
+    not (execution.isolation()["seccomp"] and execution.isolation()["landlock_abi"] >= 1),
+    reason="this kernel/CPU offers no seccomp filter or Landlock; only the Python guard applies")
+
+
+@needs_kernel_isolation
+@pytest.mark.parametrize("code", [
+    # the reported escape: posix (not os) fork, then setsid, outliving the process-group kill
+    "import posix, time\npid = posix.fork()\nif pid == 0:\n    posix.setsid()\n    time.sleep(30)\nprint(pid)",
+    # double fork through ctypes, and the raw syscalls behind it
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nr = libc.fork()\n"
+    "if r == 0:\n    libc.fork()\n    libc.sleep(30)\nassert r == -1, r\nimport os\nraise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))",
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nr = libc.syscall(57)\nassert r == -1, r\n"
+    "import os\nraise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))",
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nr = libc.syscall(56, 17, 0, 0, 0, 0)\nassert r == -1, r\n"
+    "import os\nraise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))",
+    # a fork bomb
+    "import posix\nwhile True:\n    posix.fork()",
+    # exec of another program
+    "import posix\nposix.execv('/bin/sh', ['sh', '-c', 'echo hi'])",
+])
+def test_process_creation_is_refused_by_the_kernel(code):
+    if "syscall(5" in code and os.uname().machine != "x86_64":
+        pytest.skip("x86_64 syscall numbers")
+    t0 = time.time()
+    result = execute_code(code, timeout=5.0)
+    assert time.time() - t0 < 4 and not result.timeout
+    assert not result.success and "hi" not in result.stdout
+    assert "Operation not permitted" in result.error, result.error
+
+
+@needs_kernel_isolation
+@pytest.mark.parametrize("code", [
+    "import _socket\nbase = _socket.socket.__mro__[1]\nbase(_socket.AF_INET, _socket.SOCK_STREAM)",
+    "import _socket\n_socket.socket.__mro__[1](_socket.AF_INET6, _socket.SOCK_DGRAM)",
+    "import _socket\n_socket.socket.__mro__[1](_socket.AF_PACKET if hasattr(_socket, 'AF_PACKET') else 17, 3)",
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nfd = libc.socket(2, 1, 0)\nassert fd == -1, fd\n"
+    "import os\nraise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))",
+])
+def test_sockets_behind_the_guard_are_refused_by_the_kernel(code):
+    result = execute_code(code)
+    assert not result.success and "Operation not permitted" in result.error, result.error
+
+
+@needs_kernel_isolation
+def test_files_outside_the_working_directory_cannot_be_read_or_written(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    attempts = [
+        "print(open('/etc/passwd').read())",
+        f"print(open({str(outside)!r}).read())",
+        f"open({str(tmp_path / 'new.txt')!r}, 'w').write('x')",
+        "open('/tmp/nanochat_sandbox_escape.txt', 'w').write('x')",
+        "open('../runner.py', 'a').write('x')",  # the runner beside the working directory
+        f"import os\nos.symlink({str(tmp_path / 'via_link.txt')!r}, 'link')\nopen('link', 'w').write('x')",
+        f"import os\nprint(os.listdir({str(tmp_path)!r}))",
+        "import os\nprint(os.listdir('/proc'))",
+    ]
+    for code in attempts:
+        result = execute_code(code)
+        assert not result.success and "Permission denied" in result.error, (code, result.error)
+        assert "secret" not in result.stdout and "root:" not in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside.txt"]
+    assert not os.path.exists("/tmp/nanochat_sandbox_escape.txt")
+    # what it needs still works: its own directory, the standard library, installed packages
+    result = execute_code("import json, numpy\nopen('a.txt', 'w').write('7')\nprint(json.loads(open('a.txt').read()) "
+                          "+ int(numpy.arange(3).sum()))")
+    assert result.success and result.stdout == "10\n", result.error
+
+
+@needs_kernel_isolation
+def test_threads_still_work_and_signals_outside_are_refused():
+    result = execute_code("import threading\nout = []\nt = threading.Thread(target=out.append, args=(5,))\n"
+                          "t.start(); t.join()\nprint(out)")
+    assert result.success and result.stdout == "[5]\n", result.error
+    if execution.isolation()["landlock_abi"] < 6:
+        pytest.skip("Landlock signal scoping needs ABI 6")
+    # SIGURG is ignored by default, so even a failure of the sandbox would not hurt the test runner
+    result = execute_code(f"import posix, signal\nposix.kill({os.getpid()}, signal.SIGURG)")
+    assert not result.success and "Operation not permitted" in result.error, result.error
+
+
+def test_large_allocations_are_stopped():
+    for code in ("x = bytearray(8 * 2**30)", "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.malloc.restype = ctypes.c_void_p\n"
+                 "assert libc.malloc(ctypes.c_size_t(2**33)) is None\nraise MemoryError('malloc refused')"):
+        result = execute_code(code, timeout=10.0)
+        assert not result.success and result.memory_exceeded, result.error

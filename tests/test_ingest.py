@@ -146,7 +146,8 @@ def test_bad_inputs_are_one_line_and_touch_nothing(fixture_base_dir, tmp_path, c
         (["--input", tmp_path / "emptydir", "--out", tmp_path / "t2"], "has no files matching"),
         (["--input", tmp_path / "nope.txt", "--out", tmp_path / "t2"], "nope.txt does not exist"),
         (["--input", good, "--out", tmp_path / "t2", "--encoding", "klingon"], "unknown text encoding 'klingon'"),
-        (["--input", good, "--out", out], "already holds a MegaContext tree; pass --append"),
+        (["--input", latin, "--out", out, "--encoding", "latin-1"],
+         "already holds a MegaContext tree built from other input"),
         (["--input", good, "--out", tmp_path / "t3", "--append"], "holds no MegaContext tree to continue"),
     ]
     for argv, message in cases:
@@ -165,8 +166,10 @@ def test_bad_inputs_are_one_line_and_touch_nothing(fixture_base_dir, tmp_path, c
         (write_config(tmp_path, "c5", model_name="other"), "refusing to append"),
         (write_config(tmp_path, "c6", dtype="fp8"), "dtype must be fp16 or bf16"),
     ]
+    more = tmp_path / "more.txt"
+    more.write_text("more text\n" * 20)
     for config, message in config_cases:
-        assert run("--config", config, "--input", good, "--out", out, "--append") == 1
+        assert run("--config", config, "--input", more, "--out", out, "--append") == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], (message, err)
     assert snapshot(out) == before
@@ -196,3 +199,197 @@ def test_cli_prints_one_line_without_a_traceback(tmp_path):
     assert proc.stderr.strip() == (f"error: {bad} is not valid utf-8 text (byte 0x80 at offset 3); pass --encoding "
                                    f"(e.g. --encoding latin-1) if it is another encoding")
     assert not (tmp_path / "t").exists()
+
+
+# -----------------------------------------------------------------------------
+# resumable, idempotent ingest
+
+
+class SimulatedKill(BaseException):
+    """Raised inside a storage append: the process 'dies' between two commits (not caught as an error)."""
+
+
+def _tree_state(out):
+    with MegaContextTree.open(out, readonly=True) as tree:
+        return tree.tokens().tolist(), tree.gists(1).astype(np.float32), tree.gists(2).astype(np.float32), tree.sources
+
+
+def test_killed_ingests_rerun_to_exactly_the_clean_tree(fixture_base_dir, tmp_path, monkeypatch, capsys):
+    import random
+    from megacontext import storage
+    monkeypatch.setattr(ingest, "CHUNK_BYTES", 400)  # many pieces, so kills land inside files too
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, word in enumerate(["alpha", "beta", "gamma"]):
+        (docs / f"{i}.txt").write_text("".join(f"{word} line {j} with some words.\n" for j in range(60 + 30 * i)))
+    cfg = write_config(tmp_path)  # batch_size 4: an append every 4 blocks
+    clean, out = tmp_path / "clean", tmp_path / "tree"
+    assert run("--config", cfg, "--input", docs, "--out", clean) == 0
+    want_tokens, want1, want2, want_sources = _tree_state(clean)
+    assert len(want_tokens) > 2000 and len(want_sources) == 3
+
+    real_append = storage.CtxWriter.append
+    calls = {"n": 0, "kill_at": None}
+
+    def append(self, entries):
+        calls["n"] += 1
+        if calls["n"] == calls["kill_at"]:
+            raise SimulatedKill()
+        return real_append(self, entries)
+
+    monkeypatch.setattr(storage.CtxWriter, "append", append)
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(6):
+        calls.update(n=0, kill_at=rng.randint(1, 40))
+        try:
+            code = run("--config", cfg, "--input", docs, "--out", out)
+        except SimulatedKill:
+            kills += 1
+            continue
+        assert code == 0
+    assert kills >= 4
+    calls["kill_at"] = None
+    capsys.readouterr()
+    assert run("--config", cfg, "--input", docs, "--out", out) == 0
+    tokens, g1, g2, sources = _tree_state(out)
+    assert tokens == want_tokens  # token for token: no prefix ingested twice, nothing lost
+    np.testing.assert_allclose(g1, want1, atol=1e-3)
+    np.testing.assert_allclose(g2, want2, atol=1e-3)
+    assert [(s["path"], s["start"], s["tokens"]) for s in sources] == \
+        [(s["path"], s["start"], s["tokens"]) for s in want_sources]
+
+    # the same command again: a no-op that says so, touching nothing
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run("--config", cfg, "--input", docs, "--out", out) == 0
+    assert "nothing to do, all 3 source(s) are already whole" in capsys.readouterr().out
+    assert snapshot(out) == before
+    # --append of a new source appends it (the whole ones are not read again)
+    extra = tmp_path / "extra.txt"
+    extra.write_text("delta and epsilon.\n" * 30)
+    assert run("--config", cfg, "--input", extra, "--out", out, "--append") == 0
+    tokens2, _, _, sources2 = _tree_state(out)
+    assert tokens2[:len(want_tokens)] == want_tokens and len(sources2) == 4
+    assert sources2[-1]["start"] == len(want_tokens) and sources2[-1]["tokens"] == len(tokens2) - len(want_tokens)
+
+
+def test_an_unfinished_source_must_be_finished_by_its_own_command(fixture_base_dir, tmp_path, monkeypatch, capsys):
+    from megacontext import storage
+    src, other, out = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "tree"
+    src.write_text("first source line.\n" * 200)
+    other.write_text("second source.\n" * 20)
+    cfg = write_config(tmp_path)
+    real_append = storage.CtxWriter.append
+    seen = {"n": 0}
+
+    def append(self, entries):
+        seen["n"] += 1
+        if seen["n"] == 7:
+            raise SimulatedKill()
+        return real_append(self, entries)
+
+    monkeypatch.setattr(storage.CtxWriter, "append", append)
+    with pytest.raises(SimulatedKill):
+        run("--config", cfg, "--input", src, "--out", out)
+    monkeypatch.setattr(storage.CtxWriter, "append", real_append)
+    capsys.readouterr()
+    assert run("--config", cfg, "--input", other, "--out", out, "--append") == 1
+    err = capsys.readouterr().err
+    assert "holds an unfinished ingest of" in err and "a.txt" in err and "re-run the command" in err
+    src.write_text("first source line, edited.\n" * 200)  # the same path, other content
+    assert run("--config", cfg, "--input", src, "--out", out) == 1
+    assert "it has changed since" in capsys.readouterr().err
+
+
+def test_binary_files_are_skipped_and_counted(fixture_base_dir, tmp_path, capsys):
+    docs = tmp_path / "pkg"
+    (docs / "__pycache__").mkdir(parents=True)
+    (docs / "mod.py").write_text("def f():\n    return 1\n" * 20)
+    (docs / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\0\0\0\0" + bytes(range(256)))
+    (docs / "blob.bin").write_bytes(b"abc\0def")
+    out = tmp_path / "tree"
+    assert run("--config", write_config(tmp_path), "--input", docs, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 2 binary file(s)" in printed and "--glob" in printed
+    _, _, _, sources = _tree_state(out)
+    assert [Path(s["path"]).name for s in sources] == ["mod.py"]
+    # a binary file named on its own is an error, not a skip
+    assert run("--config", write_config(tmp_path), "--input", docs / "blob.bin", "--out", tmp_path / "t2") == 1
+    assert "looks binary" in capsys.readouterr().err
+
+
+def test_unknown_config_keys_and_help_defaults(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("gistnet: mean\nbatchsize: 3\n")
+    src = tmp_path / "a.txt"
+    src.write_text("x\n")
+    assert run("--config", cfg, "--input", src, "--out", tmp_path / "t") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown config key 'batchsize'" in err[0] and "did you mean 'batch_size'" in err[0]
+    assert not (tmp_path / "t").exists()
+    assert ingest.load_config(REPO_ROOT / "configs" / "ingest_cpu.yaml")["model_tag"] == "cpu_tiny"
+    help_text = ingest.build_parser().format_help()
+    assert "(default: *)" in help_text and "(default: utf-8)" in help_text
+
+
+def test_refusal_names_both_gistnet_ids_and_the_refresh_command(fixture_base_dir, tmp_path, capsys):
+    out = tmp_path / "tree"
+    src = tmp_path / "x.txt"
+    src.write_text("some text to gist, long enough for a few blocks.\n" * 30)
+    cfg = write_config(tmp_path)
+    assert run("--config", cfg, "--input", src, "--out", out) == 0
+    printed = capsys.readouterr().out
+    identity = GistNet(GistNetConfig(n_embd=128, head="mean")).identity()
+    from megacontext.storage import gistnet_id
+    assert f"GistNet {identity} (id {gistnet_id(identity)}, 0x{gistnet_id(identity):08X})" in printed
+    # a tree of another GistNet: the refusal names the command that regenerates its gists
+    other = tmp_path / "other"
+    MegaContextTree.create(other, "base:d2@40", 128, "some-other-gistnet").close()
+    more = tmp_path / "more.txt"
+    more.write_text("more\n" * 40)
+    assert run("--config", cfg, "--input", more, "--out", other, "--append") == 1
+    err = capsys.readouterr().err
+    command = f"python -m megacontext.ingest --config {cfg} --out {other} --refresh"
+    assert command in err and f"id {gistnet_id(identity)}" in err
+    # and that command does it: afterwards the append goes through
+    assert run(*command.split()[3:]) == 0
+    assert "regenerated" in capsys.readouterr().out
+    assert run("--config", cfg, "--input", more, "--out", other, "--append") == 0
+
+
+@pytest.mark.slow  # several fresh interpreters importing torch, each SIGKILLed mid-ingest
+def test_sigkilled_cli_ingest_reruns_to_the_clean_tree(fixture_base_dir, tmp_path):
+    import os
+    import random
+    import signal
+    import time
+    src = tmp_path / "big.txt"
+    src.write_text("".join(f"line {i}: the fox and the dog, {i * 7 % 13} times.\n" for i in range(12000)))
+    cfg = write_config(tmp_path, batch_size=8)
+    clean, out = tmp_path / "clean", tmp_path / "tree"
+    assert run("--config", cfg, "--input", src, "--out", clean) == 0
+    want_tokens, want1, _, _ = _tree_state(clean)
+    full_bytes = len(want_tokens) // 32 * 128
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(fixture_base_dir))
+    cmd = [sys.executable, "-m", "megacontext.ingest", "--config", str(cfg), "--input", str(src), "--out", str(out)]
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(4):
+        threshold = 64 + rng.randint(full_bytes // 10, full_bytes * 9 // 10)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            lod0 = out / "LOD0.ctx"
+            if lod0.exists() and lod0.stat().st_size >= threshold:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=60)
+    assert kills >= 2
+    assert run("--config", cfg, "--input", src, "--out", out) == 0
+    tokens, g1, _, sources = _tree_state(out)
+    assert tokens == want_tokens
+    np.testing.assert_allclose(g1, want1, atol=1e-3)
+    assert len(sources) == 1 and sources[0]["tokens"] == len(want_tokens)

@@ -30,9 +30,11 @@ def train_base_dir(upstream_fixtures, tmp_path):
     return base
 
 
-def run_driver(base, out_prefix, flags, nproc=1, emulate=0, extra=()):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_COMPILE="0", OMP_NUM_THREADS="1",
+def run_driver(base, out_prefix, flags, nproc=1, emulate=0, extra=(), threads="1"):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_COMPILE="0", OMP_NUM_THREADS=threads,
                PYTHONPATH=str(REPO))
+    if threads is None:
+        env.pop("OMP_NUM_THREADS")  # torch's default: every core
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(DRIVER), str(out_prefix), "--", *flags]
@@ -105,3 +107,66 @@ def test_base_train_resume_from_missing_step_is_one_clear_line(train_base_dir):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def _base_train(base, flags):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_COMPILE="0", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY, *flags],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_resume_refuses_a_half_saved_step_and_a_meta_without_loop_state(train_base_dir):
+    flags = ["--num-iterations=4", "--save-every=2", "--model-tag=half"]
+    r = _base_train(train_base_dir, flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = train_base_dir / "base_checkpoints" / "half"
+    manifest = json.loads((ckpt / "manifest_000004.json").read_text())
+    assert manifest["committed"] and {"loader_000004_rank0.pt", "optim_000004_rank0.pt"} <= set(manifest["files"])
+    # a save killed after its first write leaves the pending marker: step 4 is not a whole step
+    (ckpt / "manifest_000004.json").write_text(json.dumps({"step": 4, "committed": False}))
+    r = _base_train(train_base_dir, flags + ["--resume-from-step=4"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step 4 ") and "never committed" in last and "last committed step is 2" in last
+    # an upstream-style step (no manifest) whose meta lacks loop_state: one line naming the file
+    (ckpt / "manifest_000002.json").unlink()
+    meta = json.loads((ckpt / "meta_000002.json").read_text())
+    del meta["loop_state"]
+    (ckpt / "meta_000002.json").write_text(json.dumps(meta))
+    r = _base_train(train_base_dir, flags + ["--resume-from-step=2"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "meta_000002.json has no 'loop_state' entry" in last
+
+
+def test_resume_names_a_damaged_loader_snapshot(train_base_dir):
+    flags = ["--num-iterations=2", "--save-every=2", "--model-tag=trunc"]
+    assert _base_train(train_base_dir, flags).returncode == 0
+    snapshot = train_base_dir / "base_checkpoints" / "trunc" / "loader_000002_rank0.pt"
+    snapshot.write_bytes(snapshot.read_bytes()[: snapshot.stat().st_size // 2])
+    r = _base_train(train_base_dir, flags + ["--resume-from-step=2", "--num-iterations=3"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "loader_000002_rank0.pt" in last and "bytes but step 2 was committed" in last
+
+
+@pytest.mark.slow  # two short runs with every core; minutes on a loaded machine
+def test_default_threads_resume_the_same_data_within_float_noise(train_base_dir, tmp_path):
+    """What resume guarantees without OMP_NUM_THREADS=1 (README, "Checkpoints and resume"): the
+    very same batches in the same order, and losses equal up to the order of float reductions."""
+    flags = TINY + ["--num-iterations=6", "--save-every=3", "--model-tag=threads"]
+    run_driver(train_base_dir, tmp_path / "full", flags, threads=None)
+    ckpt = train_base_dir / "base_checkpoints" / "threads"
+    full_loader = torch.load(ckpt / "loader_000006_rank0.pt")
+    full_meta = json.loads((ckpt / "meta_000006.json").read_text())
+    run_driver(train_base_dir, tmp_path / "resumed", flags + ["--resume-from-step=3"], threads=None)
+    resumed_loader = torch.load(ckpt / "loader_000006_rank0.pt")
+    assert set(full_loader) == set(resumed_loader)
+    for key in full_loader:
+        a, b = full_loader[key], resumed_loader[key]
+        assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), key  # the same documents, in the same place
+    resumed_meta = json.loads((ckpt / "meta_000006.json").read_text())
+    assert resumed_meta["dataloader_state_dict"] == full_meta["dataloader_state_dict"]
+    full = read_json(tmp_path / "full.rank0.json")["train_losses"]
+    resumed = read_json(tmp_path / "resumed.rank0.json")["train_losses"]
+    assert resumed == pytest.approx(full[3:], abs=1e-3)
