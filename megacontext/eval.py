@@ -31,7 +31,8 @@ costs nothing. Metrics follow ../shared/DESIGN.md section 6 (report.json's schem
                    of 1024; per-position means with 95% intervals (normal approximation);
                    recovered = 1 - ΔNLL / ΔNLL_drop, null when ΔNLL_drop <= 0
     passkey        greedy exact match of the pass key by depth x history/W
-    needle_recall  share of passkey cases whose needle lies wholly in LOD0 entries at the question
+    needle_recall  share of passkey cases whose key (its first copy in the needle) lies wholly in
+                   LOD0 entries at the question
     tasks          accuracy (greedy exact match) and mean answer NLL for each synthetic task at
                    history = task_ratio x W, and for each --tasks file
     testbed        the testbed's own figures (does the base model need distant context?):
@@ -375,6 +376,17 @@ def delta_positions(corpus, cfg, rng):
     return sorted(candidates[:cfg["delta_positions"]])
 
 
+def _key_span(case):
+    """History positions (no BOS) of the first copy of the answer inside the needle: the tokens
+    that must be LOD0 at the question for the model to read the key (the whole needle if the
+    answer's tokens do not appear in it as such)."""
+    needle, ans = case.tokens[case.needle_start:case.needle_end], case.answer
+    for j in range(len(needle) - len(ans) + 1):
+        if (needle[j:j + len(ans)] == ans).all():
+            return case.needle_start - 1 + j, case.needle_start - 1 + j + len(ans)
+    return case.needle_start - 1, case.needle_end - 1
+
+
 def _mean_ci(values):
     import numpy as np
     v = np.asarray(values, dtype=np.float64)
@@ -553,7 +565,7 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
                 c = cases[i]
                 cell = report["passkey"].setdefault(m, {}).setdefault(str(r), {}).setdefault(str(c.depth), [])
                 cell.append(bool(res["correct"][k].all()))
-                start, end = c.needle_start - 1, c.needle_end - 1
+                start, end = _key_span(c)
                 if m == "full":
                     seen = True
                 elif m == "recency":

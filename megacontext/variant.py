@@ -181,7 +181,9 @@ class MegaContextVariant:
             tokenizer = get_tokenizer()
             if cfg["long_documents"]:
                 from megacontext.window_loader import window_batches
-                loader = window_batches(tokenizer, 4, 1, window, split="val", device=self.model.get_device(), seed=1)
+                # natural rows: a synthetic row's tail is filler its base model was not trained to predict
+                loader = window_batches(tokenizer, 4, 1, window, split="val", device=self.model.get_device(), seed=1,
+                                        mixture={"natural": 1.0})
                 self.val_windows = [next(loader)[1].clone() for _ in range(cfg["eval_batches"])]
             else:
                 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
