@@ -724,10 +724,14 @@ def write_plots(report, out):
     paths = []
     W = report["budget_tokens"]
     fig, ax = plt.subplots(figsize=(6, 4))
+    ticks = set()
     for m, by in report["bpb"].items():
         hs = sorted(by, key=int)
-        ax.plot([int(h) // W for h in hs], [by[h] for h in hs], marker="o", label=m)
+        label = f"{m} ({report['oracle_subset']['bpb']})" if m == "oracle" and "bpb" in report.get("oracle_subset", {}) else m
+        ax.plot([int(h) // W for h in hs], [by[h] for h in hs], marker="o", label=label)
+        ticks |= {int(h) // W for h in hs}
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ticks), [f"{t}W" for t in sorted(ticks)])
     ax.set_xlabel("history / W")
     ax.set_ylabel("bits per byte (horizon)")
     ax.set_title(f"Long-document bpb at W = {W}")
