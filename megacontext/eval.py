@@ -842,7 +842,9 @@ def load_gistnet_checkpoint(path, n_embd, device):
         raise ValueError(f"GistNet {path} has n_embd={gistnet.config.n_embd} but the base model has n_embd={n_embd}; "
                          f"use the GistNet trained on this base model")
     gistnet.load_state_dict(state["state_dict"], strict=True)
-    return gistnet.to(device).eval(), tuple(data.get("trained_levels", (1, 2)))
+    trained = tuple(data.get("trained_levels", (1, 2)))
+    gistnet.untrained_levels = tuple(lv for lv in (1, 2) if lv not in trained)
+    return gistnet.to(device).eval(), trained
 
 
 def main(argv=None):

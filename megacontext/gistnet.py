@@ -253,7 +253,12 @@ class GistNet(nn.Module):
             digest.update(name.encode())
             digest.update(repr(tuple(tensor.shape)).encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return f"gistnet-{arch}-{digest.hexdigest()[:12]}"
+        # a JT1 run whose windows held no whole 1024-token span leaves separate LOD2 weights at their
+        # init: gists made with them are marked, so they never pass as a trained GistNet's
+        untrained = "" if self.config.shared_levels or 2 not in self.untrained_levels else "-lod2untrained"
+        return f"gistnet-{arch}-{digest.hexdigest()[:12]}{untrained}"
+
+    untrained_levels = ()  # levels whose weights were never trained (set by whoever loads a JT1 checkpoint)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -280,6 +280,10 @@ def load_gister(spec, n_embd, device):
             raise ValueError(f"GistNet {path} has n_embd={gistnet.config.n_embd} but the base model has "
                              f"{n_embd}; it was trained for another model")
         gistnet.load_state_dict(data["state_dict"], strict=True)
+        full = torch.load(path, map_location="cpu", weights_only=False)
+        trained = full.get("trained_levels") if isinstance(full, dict) else None
+        if trained is not None:  # a JT1 mc file says which levels it trained; identity() marks the others
+            gistnet.untrained_levels = tuple(lv for lv in (1, 2) if lv not in trained)
     return gistnet.to(device).eval()
 
 

@@ -103,6 +103,7 @@ class MegaContextVariant:
         self.levels = (1, 2) if cfg["context_tokens"] >= 1024 + BLOCK_SIZE else (1,)
         if 2 not in self.levels and len(self.gistnet.levels) == 2:
             self.gistnet.levels[1].requires_grad_(False)
+            self.gistnet.untrained_levels = (2,)  # its identity() says so: no LOD2 gist passes as trained
             print0("GistNet: LOD2 weights not trained (context_tokens < 1056 leaves no whole 1024-token span)")
         trainable = [p for p in self.gistnet.parameters() if p.requires_grad]
         if not trainable:

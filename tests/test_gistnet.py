@@ -2,6 +2,8 @@
 initial function of each head (mean pool, identity-initialised mean_linear, attention starting
 at norm(mean)), order sensitivity, shared vs per-level weights, seeded determinism, the
 identity fingerprint, and token_embeddings being exactly what GPT.forward feeds its blocks."""
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -201,3 +203,21 @@ def test_lod1_gists_feed_lod2():
     lod1 = net(token_embeddings(model, ids.view(32, 32)), 1)   # 32 blocks -> 32 gists
     lod2 = net(lod1.unsqueeze(0), 2)                           # -> one gist of 1024 tokens
     assert lod1.shape == (32, D) and lod2.shape == (1, D)
+
+
+def test_untrained_lod2_weights_are_marked_in_the_identity(tmp_path):
+    """A JT1 checkpoint that never trained LOD2 (no whole 1024-token span in its windows) gives gists
+    whose identity says so, so they are never stored under the trained GistNet's name."""
+    from megacontext.ingest import load_gister
+    net = GistNet(GistNetConfig(n_embd=64, n_layer=1, n_head=2)).init_weights(seed=0)
+    base_identity = net.identity()
+    for trained, marked in (([1], True), ([1, 2], False)):
+        path = tmp_path / f"mc_{len(trained)}.pt"
+        torch.save({"gistnet": {"config": asdict(net.config), "state_dict": net.state_dict()},
+                    "trained_levels": trained}, path)
+        identity = load_gister(str(path), 64, "cpu").identity()
+        assert identity.endswith("-lod2untrained") == marked
+        assert identity.startswith(base_identity)
+    shared = GistNet(GistNetConfig(n_embd=64, n_layer=1, n_head=2, shared_levels=True)).init_weights(seed=0)
+    shared.untrained_levels = (2,)
+    assert not shared.identity().endswith("-lod2untrained")  # one set of weights: LOD2 is LOD1's, trained
