@@ -50,9 +50,6 @@ import sys
 from contextlib import nullcontext, redirect_stdout
 
 from nanochat import hooks
-from nanochat.common import compute_init, autodetect_device_type
-from nanochat.checkpoint_manager import load_model
-from nanochat.engine import Engine
 
 # Every key a chat config may set; the types here are what command-line overrides are read as.
 DEFAULTS = {
@@ -350,6 +347,10 @@ def load_engine(settings):
         # a config may say where its model lives (configs/chat_cpu.yaml: the CPU preset's dir);
         # the environment variable, when set, still wins, as it does in speedrun.sh
         os.environ["NANOCHAT_BASE_DIR"] = os.path.expanduser(settings["base_dir"])
+    # the model stack (and torch) loads only here, after the flags were read: a typo fails at once
+    from nanochat.common import compute_init, autodetect_device_type
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
     device_type = settings["device_type"] or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
     model, tokenizer, _ = load_model(settings["source"], device, phase="eval",

@@ -34,7 +34,6 @@ import importlib
 from importlib.metadata import entry_points
 
 import yaml
-import torch
 
 ENTRY_POINT_GROUP = "nanochat.variants"
 DATA_SOURCE_GROUP = "nanochat.data_sources"
@@ -147,6 +146,7 @@ def save_variant_state(variant, checkpoint_dir, step, rank=0, into=None):
     if into is not None:
         into[os.path.basename(path)] = state_dict()
         return path
+    import torch  # imported late: a CLI reading its run config rejects a bad flag before torch loads
     tmp_path = path + ".tmp"
     torch.save(state_dict(), tmp_path)
     os.replace(tmp_path, path)

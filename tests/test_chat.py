@@ -283,8 +283,10 @@ def test_demo_config_defaults_to_the_sft_model(tmp_path, monkeypatch):
     assert settings["source"] == "sft" and settings["model_tag"] == "cpu_tiny"
     assert os.path.expanduser(settings["base_dir"]) == os.path.expanduser("~/.cache/nanochat-cpu")
     seen = []
-    monkeypatch.setattr(chat, "load_model", lambda *a, **k: seen.append(os.environ["NANOCHAT_BASE_DIR"]) or 1 / 0)
-    monkeypatch.setattr(chat, "compute_init", lambda device_type: (False, 0, 0, 1, torch.device("cpu")))
+    # load_engine imports the model stack when called (flags are read before torch loads): patch at the source
+    monkeypatch.setattr("nanochat.checkpoint_manager.load_model",
+                        lambda *a, **k: seen.append(os.environ["NANOCHAT_BASE_DIR"]) or 1 / 0)
+    monkeypatch.setattr("nanochat.common.compute_init", lambda device_type: (False, 0, 0, 1, torch.device("cpu")))
     monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
     with pytest.raises(ZeroDivisionError):
         chat.load_engine(dict(settings, base_dir=str(tmp_path / "preset")))
@@ -477,3 +479,16 @@ def test_chat_module_hook_surface():
     marked = [line for line in source.splitlines() if "# hook:" in line]
     assert len(marked) == 1 and "chat_session" in marked[0]
     assert "megacontext" not in source.lower()
+
+
+def test_a_flag_typo_is_rejected_before_torch_is_imported():
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['x', '--config', 'configs/chat_cpu.yaml', '--temprature=0']\n"
+             "try:\n"
+             "    runpy.run_module('nanochat.chat', run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    print('exit', e.code, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.stdout.strip() == "exit 2 False", r.stdout + r.stderr
+    assert "unknown config key 'temprature'" in r.stderr
