@@ -65,14 +65,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 from tqdm import tqdm
 
-# nanochat's model stack (and megacontext.gistnet, which builds on it) is imported only once the
-# inputs have been checked: it takes seconds to import, and bad input should be reported at once.
+# torch, nanochat's model stack and megacontext.gistnet are imported only once the flags and the
+# inputs have been checked: they take seconds to import, and bad input should be reported at once.
 from megacontext.storage import LEVEL_FILENAMES, CtxFormatError, gistnet_id
-from megacontext.tree import META_FILENAME, MegaContextTree
+META_FILENAME = "tree.json"  # megacontext.tree's (imported late: it needs torch); a test keeps them equal
 
 CHUNK_BYTES = 1 << 20      # bytes of text tokenized per tokenizer call
 _MAX_PIECE_CHARS = 8 << 20  # a file without any safe cut point is cut here regardless
@@ -262,6 +261,7 @@ def _short_name(name):
 
 def load_gister(spec, n_embd, device):
     """The GistNet the config names: 'mean' or a checkpoint path."""
+    import torch
     from megacontext.gistnet import GistNet, GistNetConfig
     if spec == "mean":
         gistnet = GistNet(GistNetConfig(n_embd=n_embd, head="mean"))
@@ -396,8 +396,10 @@ def run(args):
         summary.update(nothing_to_do=True)
         return summary
 
+    import torch
     from nanochat.common import autodetect_device_type
     from megacontext.gistnet import token_embeddings
+    from megacontext.tree import MegaContextTree
     device = torch.device(cfg["device_type"] or autodetect_device_type())
     model, tokenizer, model_name = load_base_model(cfg, device)
     gistnet = load_gister(cfg["gistnet"], model.config.n_embd, device)
@@ -461,8 +463,10 @@ def refresh(args, cfg, out):
     """Regenerate all gists of the tree at `out` with the config's GistNet."""
     if not _has_tree(out):
         raise ValueError(f"--refresh: {out} holds no MegaContext tree")
+    import torch
     from nanochat.common import autodetect_device_type
     from megacontext.gistnet import token_embeddings
+    from megacontext.tree import MegaContextTree
     device = torch.device(cfg["device_type"] or autodetect_device_type())
     model, _, model_name = load_base_model(cfg, device)
     gistnet = load_gister(cfg["gistnet"], model.config.n_embd, device)

@@ -6,6 +6,7 @@ and with a saved GistNet: the tree holds BOS + the file's tokens and their gists
 continues it; directories are read in order. Pieces cut for tokenization never change the
 token ids. Every bad input is one line naming the problem, and leaves the disk as it was.
 """
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -393,3 +394,18 @@ def test_sigkilled_cli_ingest_reruns_to_the_clean_tree(fixture_base_dir, tmp_pat
     assert tokens == want_tokens
     np.testing.assert_allclose(g1, want1, atol=1e-3)
     assert len(sources) == 1 and sources[0]["tokens"] == len(want_tokens)
+
+
+def test_a_flag_typo_is_rejected_before_torch_is_imported():
+    import megacontext.ingest as ingest_module
+    from megacontext.tree import META_FILENAME
+    assert ingest_module.META_FILENAME == META_FILENAME
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['x', '--config', 'configs/ingest_cpu.yaml', '--inptu', 'x']\n"
+             "try:\n"
+             "    runpy.run_module('megacontext.ingest', run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    print('exit', e.code, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert r.stdout.strip() == "exit 2 False", r.stdout + r.stderr
