@@ -94,12 +94,13 @@ DEFAULTS = {
 
 
 def _coerce(key, value):
+    """A config or command-line value as the type of its default (lists and None-defaults read as YAML)."""
     like = DEFAULTS[key]
     if isinstance(value, str) and not isinstance(like, str):
         value = yaml.safe_load(value)
     if isinstance(like, list) and not isinstance(value, list):
         value = [value]
-    if isinstance(like, bool) or (like is not None and not isinstance(like, (list, str)) and not isinstance(value, type(like))):
+    if isinstance(like, (int, float)) and not isinstance(value, type(like)):
         try:
             value = type(like)(value)
         except (TypeError, ValueError):
