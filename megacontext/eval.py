@@ -827,27 +827,6 @@ def resolve_gistnet(spec):
     return os.path.join(ckpt_dir, f"mc_{steps[-1]:06d}.pt")
 
 
-def load_gistnet_checkpoint(path, n_embd, device):
-    """A trained GistNet from a JT1 mc_XXXXXX.pt -> (gistnet in eval mode, trained levels)."""
-    import torch
-    from megacontext.gistnet import GistNet, GistNetConfig
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"GistNet checkpoint {path} does not exist; train one with "
-                                f"`python -m nanochat.train --config configs/gistnet_longctx_cpu.yaml`")
-    data = torch.load(path, map_location="cpu", weights_only=False)
-    state = data.get("gistnet", data) if isinstance(data, dict) else None
-    if not isinstance(state, dict) or "config" not in state or "state_dict" not in state:
-        raise ValueError(f"{path} is not a GistNet checkpoint (expected the mc_XXXXXX.pt of a JT1 run)")
-    gistnet = GistNet(GistNetConfig(**state["config"]))
-    if gistnet.config.n_embd != n_embd:
-        raise ValueError(f"GistNet {path} has n_embd={gistnet.config.n_embd} but the base model has n_embd={n_embd}; "
-                         f"use the GistNet trained on this base model")
-    gistnet.load_state_dict(state["state_dict"], strict=True)
-    trained = tuple(data.get("trained_levels", (1, 2)))
-    gistnet.untrained_levels = tuple(lv for lv in (1, 2) if lv not in trained)
-    return gistnet.to(device).eval(), trained
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--headline"]:  # print the headline figures of an existing report.json
@@ -875,8 +854,9 @@ def main(argv=None):
         model, tokenizer, _ = load_model("base", device, phase="eval", model_tag=cfg["model_tag"], step=cfg["step"])
         gistnet = None
         if cfg["gistnet"]:
-            gistnet, trained = load_gistnet_checkpoint(resolve_gistnet(cfg["gistnet"]), model.config.n_embd, device)
-            print(f"GistNet: {gistnet.identity()} (trained levels: {', '.join(map(str, trained))})")
+            from megacontext.ingest import load_gister  # the one loader of GistNet checkpoints
+            gistnet = load_gister(resolve_gistnet(cfg["gistnet"]), model.config.n_embd, device)
+            print(f"GistNet: {gistnet.identity()}")
         task_files = list(task_files)
         for path in task_files:  # fail on a bad file before the long work starts
             read_task_file(path, tokenizer)

@@ -268,8 +268,12 @@ def load_gister(spec, n_embd, device):
     else:
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"GistNet checkpoint {path} does not exist; train one, or set `gistnet: mean`")
+            raise FileNotFoundError(f"GistNet checkpoint {path} does not exist; train one (e.g. `python -m nanochat.train "
+                                    f"--config configs/gistnet_longctx_cpu.yaml`, which writes mc_XXXXXX.pt), or set "
+                                    f"`gistnet: mean`")
         data = torch.load(path, map_location="cpu", weights_only=False)
+        # a JT1 mc file says which levels it trained; identity() marks the others
+        trained = data.get("trained_levels") if isinstance(data, dict) else None
         if isinstance(data, dict) and "gistnet" in data:
             data = data["gistnet"]
         if not (isinstance(data, dict) and "config" in data and "state_dict" in data):
@@ -280,9 +284,7 @@ def load_gister(spec, n_embd, device):
             raise ValueError(f"GistNet {path} has n_embd={gistnet.config.n_embd} but the base model has "
                              f"{n_embd}; it was trained for another model")
         gistnet.load_state_dict(data["state_dict"], strict=True)
-        full = torch.load(path, map_location="cpu", weights_only=False)
-        trained = full.get("trained_levels") if isinstance(full, dict) else None
-        if trained is not None:  # a JT1 mc file says which levels it trained; identity() marks the others
+        if trained is not None:
             gistnet.untrained_levels = tuple(lv for lv in (1, 2) if lv not in trained)
     return gistnet.to(device).eval()
 

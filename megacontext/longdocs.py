@@ -202,7 +202,7 @@ class TokenCorpus:
         """A corpus of the documents with at least n_tokens tokens (the others counted in skipped)."""
         keep = [i for i, a in enumerate(self.arrays) if len(a) >= n_tokens]
         skipped = dict(self.skipped)
-        skipped.update({self.names[i]: len(self.arrays[i]) for i in range(len(self)) if i not in set(keep)})
+        skipped.update({self.names[i]: len(a) for i, a in enumerate(self.arrays) if len(a) < n_tokens})
         return TokenCorpus([self.names[i] for i in keep], [self.arrays[i] for i in keep],
                            [self.sources[i] for i in keep], skipped)
 
