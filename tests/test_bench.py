@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from cli_probe import exit_before_torch
 import scripts.bench_common as bc
 import scripts.bench_train as bt
 import scripts.bench_decode as bd
@@ -297,16 +298,9 @@ def test_bench_megacontext_missing_gistnet_names_the_command_that_makes_one(tmp_
     ("scripts.bench_train", ["--stesp", "3"]),
 ])
 def test_bench_flag_typos_are_rejected_before_torch_is_imported(module, argv):
-    probe = ("import runpy, sys\n"
-             f"sys.argv = ['x', *{argv!r}]\n"
-             "try:\n"
-             f"    runpy.run_module({module!r}, run_name='__main__')\n"
-             "except SystemExit as e:\n"
-             "    print('exit', e.code, 'torch' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert r.stdout.strip() == "exit 2 False", r.stdout + r.stderr
-    assert "unrecognized arguments" in r.stderr or "required" in r.stderr
+    out, err = exit_before_torch(module, argv)
+    assert out == "exit 2 False", out + err
+    assert "unrecognized arguments" in err or "required" in err
 
 
 def test_bench_debug_env_shows_the_traceback(tmp_path):

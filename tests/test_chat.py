@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cli_probe import exit_before_torch
 from nanochat import chat, hooks
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -482,13 +483,6 @@ def test_chat_module_hook_surface():
 
 
 def test_a_flag_typo_is_rejected_before_torch_is_imported():
-    probe = ("import runpy, sys\n"
-             "sys.argv = ['x', '--config', 'configs/chat_cpu.yaml', '--temprature=0']\n"
-             "try:\n"
-             "    runpy.run_module('nanochat.chat', run_name='__main__')\n"
-             "except SystemExit as e:\n"
-             "    print('exit', e.code, 'torch' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert r.stdout.strip() == "exit 2 False", r.stdout + r.stderr
-    assert "unknown config key 'temprature'" in r.stderr
+    out, err = exit_before_torch('nanochat.chat', ['--config', 'configs/chat_cpu.yaml', '--temprature=0'])
+    assert out == "exit 2 False", out + err
+    assert "unknown config key 'temprature'" in err

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_probe import exit_before_torch
 from megacontext import eval as mceval
 from megacontext.gistnet import GistNet, GistNetConfig
 from megacontext.longdocs import TokenCorpus
@@ -167,3 +168,8 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert mceval.main(["--out", str(tmp_path / "o"), "--model_tag=nope"]) == 1
     err = capsys.readouterr().err
     assert "python -m nanochat.train --config configs/longctx_cpu.yaml" in err and "Traceback" not in err
+
+
+def test_a_flag_typo_is_rejected_before_torch_is_imported():
+    out, err = exit_before_torch("megacontext.eval", ["--out", "/tmp/unused", "--budget_tokenz=3"])
+    assert out == "exit 2 False", out + err

@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cli_probe import exit_before_torch
 from megacontext import ingest
 from megacontext.gistnet import GistNet, GistNetConfig, token_embeddings
 from megacontext.tree import MegaContextTree
@@ -400,12 +401,5 @@ def test_a_flag_typo_is_rejected_before_torch_is_imported():
     import megacontext.ingest as ingest_module
     from megacontext.tree import META_FILENAME
     assert ingest_module.META_FILENAME == META_FILENAME
-    probe = ("import runpy, sys\n"
-             "sys.argv = ['x', '--config', 'configs/ingest_cpu.yaml', '--inptu', 'x']\n"
-             "try:\n"
-             "    runpy.run_module('megacontext.ingest', run_name='__main__')\n"
-             "except SystemExit as e:\n"
-             "    print('exit', e.code, 'torch' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
-    assert r.stdout.strip() == "exit 2 False", r.stdout + r.stderr
+    out, err = exit_before_torch('megacontext.ingest', ['--config', 'configs/ingest_cpu.yaml', '--inptu', 'x'])
+    assert out == "exit 2 False", out + err
