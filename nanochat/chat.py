@@ -208,12 +208,19 @@ class ChatSession:
                     f"the oldest turns are dropped from now on)")
         return None
 
+    no_message = "there is no user message to reply to; call add_user_message() first"
+
+    def stop_tokens(self):
+        """Tokens that end a reply (not part of it)."""
+        return (self.assistant_end, self.bos)
+
     def stream_reply(self):
         """Sample the assistant's reply, yielding text as it is decoded. The reply (its exact
         tokens) joins the conversation, even when the caller stops early."""
         if not self.turns or self.turns[-1][0] != "user":
-            raise ValueError("there is no user message to reply to; call add_user_message() first")
+            raise ValueError(self.no_message)
         prompt = self.render_prompt()
+        stop = self.stop_tokens()
         budget = min(self.reply_budget, self.sequence_len - len(prompt))
         reply_ids = []
         shown = ""  # text already yielded
@@ -222,7 +229,7 @@ class ChatSession:
         try:
             for token_column, _ in steps:
                 token = token_column[0]
-                if token == self.assistant_end or token == self.bos:
+                if token in stop:
                     break
                 reply_ids.append(token)
                 text = self.tokenizer.decode(reply_ids)
@@ -240,7 +247,7 @@ class ChatSession:
             self.turns.append(self._assistant_turn(self.tokenizer.decode(reply_ids), reply_ids))
 
 
-class CompletionSession:
+class CompletionSession(ChatSession):
     """
     Text continuation for a base (pre-trained only) model, with ChatSession's protocol.
 
@@ -249,28 +256,14 @@ class CompletionSession:
     model writes next, ending at max_tokens or at <|bos|> (where a new document would
     start). Every message is a text of its own: nothing carries over from the last one.
     A text too long to leave room for the reply is refused, like an over-long chat message.
+    Settings, the reply budget and the sampling loop are ChatSession's; what differs is the
+    prompt, the turn record and the stop token.
     """
     user_label, reply_label = "Text", "Continuation"
     notice = ("note: this is a base (pre-trained only) model, so it continues your text instead of "
               "chatting; use the SFT model (source: sft) to chat")
 
-    def __init__(self, engine, max_tokens=256, temperature=0.6, top_k=50, seed=42):
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.sequence_len = engine.model.config.sequence_len
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.top_k = top_k
-        self.seed = seed
-        self.bos = self.tokenizer.get_bos_token_id()
-        self.reset()
-
-    @classmethod
-    def from_config(cls, engine, config):
-        return cls(engine, max_tokens=config["max_tokens"], temperature=config["temperature"],
-                   top_k=config["top_k"], seed=config["seed"])
-
-    reply_budget = ChatSession.reply_budget
+    no_message = "there is no text to continue; call add_user_message() first"
 
     def reset(self):
         self.turns = []  # (role, text): the one text and, once sampled, its continuation
@@ -302,30 +295,11 @@ class CompletionSession:
         self.turns = [("user", text)]
         return None
 
-    def stream_reply(self):
-        """Sample the continuation, yielding text as it is decoded (held back mid-character)."""
-        if not self.turns or self.turns[-1][0] != "user":
-            raise ValueError("there is no text to continue; call add_user_message() first")
-        prompt = self.render_prompt()
-        budget = min(self.reply_budget, self.sequence_len - len(prompt))
-        reply_ids, shown = [], ""
-        steps = self.engine.generate(prompt, num_samples=1, max_tokens=budget,
-                                     temperature=self.temperature, top_k=self.top_k, seed=self.seed)
-        try:
-            for token_column, _ in steps:
-                if token_column[0] == self.bos:
-                    break
-                reply_ids.append(token_column[0])
-                text = self.tokenizer.decode(reply_ids)
-                if not text.endswith("\ufffd") and len(text) > len(shown):
-                    piece, shown = text[len(shown):], text
-                    yield piece
-            text = self.tokenizer.decode(reply_ids)
-            if text != shown:
-                yield text[len(shown):]
-        finally:
-            steps.close()
-            self.turns.append(("assistant", self.tokenizer.decode(reply_ids)))
+    def stop_tokens(self):
+        return (self.bos,)  # a new document would start: the continuation ends
+
+    def _assistant_turn(self, text, reply_ids=None):
+        return ("assistant", text)
 
 
 def build_session(engine, config, variant=None, continue_base=False):
