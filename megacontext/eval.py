@@ -291,7 +291,7 @@ class Harness:
             row.append(list(history[run_start:run_end]))
         return row
 
-    def views(self, method, histories, horizons):
+    def views(self, method, histories):
         """-> (rows, wcs or None per history) for a non-oracle method."""
         W = self.W
         if method == "full":
@@ -313,7 +313,7 @@ class Harness:
         if method == "oracle":
             result = self._oracle(histories, horizons)
         else:
-            rows, wcs = self.views(method, histories, horizons)
+            rows, wcs = self.views(method, histories)
             nll, correct = score_rows(self.model, rows, horizons, self.cfg["batch_rows"])
             result = dict(nll=nll, correct=correct, wcs=wcs)
         self.seconds[method] = self.seconds.get(method, 0.0) + time.time() - t0
@@ -453,6 +453,7 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
     def run_all(histories, horizons, oracle_subset):
         """{method: result} for items; full only on items where it fits, oracle on oracle_subset (indices)."""
         results = {}
+        oracle_subset = set(oracle_subset)
         bar.total += len(histories) * len(methods)
         bar.refresh()
         for m in methods:
@@ -460,7 +461,7 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
             if m == "full":
                 idx = [i for i in idx if harness.fits_full(histories[i], horizons[i])]
             elif m == "oracle":
-                idx = [i for i in idx if i in set(oracle_subset)]
+                idx = [i for i in idx if i in oracle_subset]
             if idx:
                 r = harness.run(m, [histories[i] for i in idx], [horizons[i] for i in idx])
                 results[m] = {"index": idx, **r}
