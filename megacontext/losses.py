@@ -12,6 +12,8 @@ training losses.
 All in nats per horizon token. LOD2 spans are the tree's: aligned to multiples of 1024 tokens
 from the start of the document, so a span counts only if it lies whole inside the replaced
 blocks [t - C, t - 32). With the default C = 512 there is none and NLL_lod2 equals NLL_lod1.
+The four contexts are WorkingContexts over the document's first t tokens, starting at t - C
+(delta_nll_layouts), so the metric reads exactly what a runtime WC of that layout would.
 With bos=None no BOS is added: every variant starts at its first entry. With bos=<id> every
 row (full, gisted, dropped) starts with that one token, as every row of a model trained on
 long-document rows does (megacontext/window_loader.py); the BOS costs nothing.
@@ -20,11 +22,11 @@ Training losses for GistNet (the base model frozen, gradients reaching GistNet t
     pooling_mse_loss   gist vs the mean of its inputs, compared after norm (a warm-up target)
     delta_nll_loss     ΔNLL of a batch of windows with LOD-L gisted contexts, differentiable
 
-How a context is handed over: a row is a list of entries, each either token ids (1-D integer
-tensor or list of ints, one position per token) or gists (a float tensor (k, D) or (D,), one
-position per gist), concatenated in order; horizon_nll() appends the horizon, packs the rows
-into one right-padded batch (causal attention and the smear only look back, so padding at
-the end changes nothing before it) and runs the model under base_inputs.gist_inputs.
+How a context is handed over: as a WorkingContext plus the store its tokens and gists come
+from (a TensorStore holding the GistNet outputs, so gradients reach GistNet);
+horizon_nll() packs WCs and horizons with working_context.pack_batch (one right-padded
+batch) and runs the model under base_inputs.gist_inputs. The old path, rows of raw entries
+packed by pack_rows(), stays only for megacontext/eval.py until it moves to pack_batch.
 
 This module owns these definitions. It never trains (no optimizer here), never reads
 files, and never picks which documents or positions are held out.
@@ -39,13 +41,14 @@ from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import norm
 from megacontext.base_inputs import gist_inputs
 from megacontext.gistnet import token_embeddings
+from megacontext.tree import BLOCK_SIZE
+from megacontext.working_context import TensorStore, WorkingContext, pack_batch
 
-BLOCK_SIZE = 32       # tokens per LOD0 block (and LOD1 gists per LOD2 gist)
 DEFAULT_CONTEXT = 512
 DEFAULT_HORIZON = 32
 
 # -----------------------------------------------------------------------------
-# The base model reading rows of entries
+# The base model reading working contexts
 
 
 def _as_token_tensor(tokens, device, what="tokens"):
@@ -56,8 +59,11 @@ def _as_token_tensor(tokens, device, what="tokens"):
 
 
 def pack_rows(rows, horizons, n_embd, device):
-    """Rows of entries + horizons (B, H) -> (idx, targets, gist_mask, gist_vectors), each (B, T...).
+    """The old path (megacontext/eval.py's until it moves to working_context.pack_batch, which
+    replaces this): rows of entries + horizons (B, H) -> (idx, targets, gist_mask, gist_vectors).
 
+    A row is a list of entries, each either token ids (1-D integer tensor or list of ints, one
+    position per token) or gists (a float tensor (k, D) or (D,), one position per gist).
     Row b occupies positions 0..P_b-1 with its entries, then its horizon minus the last token;
     targets are -1 everywhere except the H positions that predict the horizon. Rows are
     right-padded to a common length with token 0 and target -1."""
@@ -116,16 +122,26 @@ def pack_rows(rows, horizons, n_embd, device):
     return idx, targets, mask, torch.stack(vector_rows)
 
 
-def horizon_nll(model, rows, horizons):
-    """Mean NLL (nats/token) of each row's horizon given its context entries -> (B,) float32.
+def horizon_nll(model, contexts, horizons, stores=None, bos_id=None, length=None):
+    """Mean NLL (nats/token) of each horizon given its context -> (B,) float32.
 
-    rows: B lists of entries (see the module docstring); horizons: (B, H) token ids.
-    Differentiable with respect to the gist entries."""
-    if len(rows) == 0:
-        raise ValueError("horizon_nll needs at least one row")
+    contexts: B WorkingContexts, read from `stores` (one per WC, or one shared) and packed by
+    pack_batch (bos_id, length: see there); horizons: (B, H) token ids. Differentiable with
+    respect to gists held in the stores. The old path: contexts are rows of entries
+    (pack_rows) and stores is None, for megacontext/eval.py until it moves to WCs."""
+    if len(contexts) == 0:
+        raise ValueError("horizon_nll needs at least one context")
     base = getattr(model, "_orig_mod", model)
     device = base.get_device()
-    idx, targets, mask, vectors = pack_rows(rows, horizons, base.config.n_embd, device)
+    if stores is None:
+        if any(isinstance(c, WorkingContext) for c in contexts):
+            raise ValueError("horizon_nll was given WorkingContexts without stores; pass stores= (the tree or "
+                             "TensorStore each WC reads its tokens and gists from)")
+        idx, targets, mask, vectors = pack_rows(contexts, horizons, base.config.n_embd, device)
+    else:
+        batch = pack_batch(contexts, stores, horizons, n_embd=base.config.n_embd, bos_id=bos_id, length=length,
+                           device=device)
+        idx, targets, mask, vectors = batch["idx"], batch["targets"], batch["gist_mask"], batch["gist_vectors"]
     with gist_inputs(model, mask, vectors):
         losses = model(idx, targets, loss_reduction="none")
     n_targets = (targets >= 0).sum(1)  # = H in every row
@@ -150,27 +166,59 @@ def lod2_span_starts(first_token, n_blocks):
     return starts
 
 
-def gisted_contexts(model, gistnet, contexts, first_token=0, lods=(1, 2)):
-    """Gists for every block except the last of each context -> {lod: (B, k_lod, D)}.
+def context_gists(model, gistnet, contexts, first_token=0, lod2=True):
+    """GistNet's gists of every block except the last of each context -> (lod1, lod2):
+    lod1 (B, C/32 - 1, D), one per block; lod2 (B, S, D), one per whole 1024-token span
+    among those blocks (lod2_span_starts; S may be 0), or None with lod2=False.
 
     contexts (B, C) token ids, C a multiple of 32; first_token: position of contexts[:, 0]
-    in its document (a multiple of 32), which fixes where the 1024-token LOD2 spans fall.
-    LOD1 gives one gist per block; LOD2 one per whole span and LOD1 gists around them."""
+    in its document (a multiple of 32), which fixes where the LOD2 spans fall."""
     B, C = contexts.shape
     n_old = C // BLOCK_SIZE - 1
     D = gistnet.config.n_embd
     blocks = contexts[:, :n_old * BLOCK_SIZE].reshape(B * n_old, BLOCK_SIZE)
     lod1 = gistnet(token_embeddings(model, blocks), 1).view(B, n_old, D)
+    if not lod2:
+        return lod1, None
+    starts = lod2_span_starts(first_token, n_old)
+    if not starts:
+        return lod1, lod1.new_zeros(B, 0, D)
+    span_inputs = torch.stack([lod1[:, s:s + BLOCK_SIZE] for s in starts], dim=1)  # (B, S, 32, D)
+    return lod1, gistnet(span_inputs.reshape(B * len(starts), BLOCK_SIZE, D), 2).view(B, len(starts), D)
+
+
+def context_store(context, lod1, lod2, first_token):
+    """A TensorStore of one context window (C,) starting at token first_token of its
+    document, holding context_gists' LOD1 gists (k1, D) and LOD2 gists (k2, D) or None
+    under their document-wide node indices."""
+    return TensorStore(context, lod1, lod2, first_token=first_token, first_lod1=first_token // BLOCK_SIZE,
+                       first_lod2=-(-first_token // (BLOCK_SIZE * BLOCK_SIZE)))
+
+
+def delta_nll_layouts(t, context_tokens):
+    """ΔNLL@H's four contexts at position t, as WorkingContexts over the first t tokens of the
+    document starting at t - C: full (all LOD0), lod1 (every block but the last as its LOD1
+    gist), lod2 (LOD2 gists on the whole 1024-token spans, LOD1 around them), drop (the last
+    block only)."""
+    C = context_tokens
+    return {"full": WorkingContext.uniform(t, 0, start=t - C), "lod1": WorkingContext.uniform(t, 1, start=t - C),
+            "lod2": WorkingContext.uniform(t, 2, start=t - C),
+            "drop": WorkingContext.uniform(t, 0, start=t - BLOCK_SIZE)}
+
+
+def gisted_contexts(model, gistnet, contexts, first_token=0, lods=(1, 2)):
+    """The old path (megacontext/eval.py's, for pack_rows rows): gists for every block except
+    the last of each context -> {lod: (B, k_lod, D)}, LOD2 as one gist per whole span with
+    LOD1 gists around them, in history order (see context_gists)."""
+    lod1, lod2 = context_gists(model, gistnet, contexts, first_token, lod2=2 in lods)
     out = {}
     if 1 in lods:
         out[1] = lod1
     if 2 in lods:
-        starts = lod2_span_starts(first_token, n_old)
+        starts = lod2_span_starts(first_token, lod1.size(1))
         if not starts:
             out[2] = lod1
         else:
-            span_inputs = torch.stack([lod1[:, s:s + BLOCK_SIZE] for s in starts], dim=1)  # (B, S, 32, D)
-            lod2 = gistnet(span_inputs.reshape(B * len(starts), BLOCK_SIZE, D), 2).view(B, len(starts), D)
             pieces, cursor = [], 0
             for j, s in enumerate(starts):
                 pieces += [lod1[:, cursor:s], lod2[:, j:j + 1]]
@@ -240,13 +288,12 @@ def delta_nll(model, gistnet, tokens, t, context_tokens=DEFAULT_CONTEXT, horizon
         raise ValueError(f"position t={t} needs {context_tokens} context tokens before it and {horizon} horizon "
                          f"tokens after it, but the document has {len(tokens)} tokens; "
                          f"valid t: {context_tokens}..{len(tokens) - horizon} in steps of {BLOCK_SIZE}")
-    context = tokens[t - context_tokens:t]
-    gists = gisted_contexts(model, gistnet, context[None], first_token=t - context_tokens)
-    last = context[-BLOCK_SIZE:]
-    rows = [[context], [gists[1][0], last], [gists[2][0], last], [last]]
-    if bos is not None:
-        rows = [[[bos]] + row for row in rows]
-    nll = horizon_nll(model, rows, tokens[t:t + horizon].expand(len(rows), horizon)).tolist()
+    first = t - context_tokens
+    lod1, lod2 = context_gists(model, gistnet, tokens[first:t][None], first_token=first)
+    store = context_store(tokens[first:t], lod1[0], lod2[0], first)
+    layouts = delta_nll_layouts(t, context_tokens)
+    wcs = [layouts[k] for k in ("full", "lod1", "lod2", "drop")]
+    nll = horizon_nll(model, wcs, tokens[t:t + horizon].expand(len(wcs), horizon), stores=store, bos_id=bos).tolist()
     return _summarize(*nll)
 
 
@@ -322,13 +369,15 @@ def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, leve
     if first_token % BLOCK_SIZE != 0:
         raise ValueError(f"first_token={first_token} is not block-aligned; use a multiple of {BLOCK_SIZE}")
     contexts, horizons = windows[:, :context_tokens].long(), windows[:, context_tokens:].long()
-    last = contexts[:, -BLOCK_SIZE:]
-    head = [] if bos is None else [[bos]]
     B = len(windows)
+    layouts = delta_nll_layouts(first_token + context_tokens, context_tokens)
     with frozen(model):
-        gists = gisted_contexts(model, gistnet, contexts, first_token, lods=levels)
-        rows = [head + [gists[lv][b], last[b]] for lv in levels for b in range(B)]
-        nll_gisted = horizon_nll(model, rows, horizons.repeat(len(levels), 1)).view(len(levels), B)
+        lod1, lod2 = context_gists(model, gistnet, contexts, first_token, lod2=2 in levels)
+        stores = [context_store(contexts[b], lod1[b], None if lod2 is None else lod2[b], first_token)
+                  for b in range(B)]
+        wcs = [layouts[f"lod{lv}"] for lv in levels for _ in range(B)]
+        nll_gisted = horizon_nll(model, wcs, horizons.repeat(len(levels), 1), stores=stores * len(levels),
+                                 bos_id=bos).view(len(levels), B)
         with torch.no_grad():
-            nll_full = horizon_nll(model, [head + [contexts[b]] for b in range(B)], horizons)
+            nll_full = horizon_nll(model, [layouts["full"]] * B, horizons, stores=stores, bos_id=bos)
     return (nll_gisted - nll_full[None]).mean(dim=1).sum()

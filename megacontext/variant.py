@@ -46,8 +46,9 @@ import torch
 from nanochat.common import get_base_dir, print0, get_dist_info
 from megacontext import base_inputs
 from megacontext.gistnet import GistNet, GistNetConfig, token_embeddings
-from megacontext.losses import pooling_mse_loss, delta_nll_loss, evaluate_delta_nll, BLOCK_SIZE
+from megacontext.losses import pooling_mse_loss, delta_nll_loss, evaluate_delta_nll
 from megacontext.telemetry import Telemetry
+from megacontext.tree import BLOCK_SIZE
 
 DEFAULTS = dict(
     base_model_tag=None, base_step=None, gistnet={}, seed=0, lr=3e-3, weight_decay=0.0,

@@ -2,7 +2,7 @@
 The Working Context (WC): what the base model actually reads out of a long history.
 
 A WC is a list of entries that covers the history [start, N) contiguously, without gaps or
-overlaps, each span present at one level of detail (B = block_size = 32):
+overlaps, each span present at one level of detail (B = block_size = tree.BLOCK_SIZE = 32):
 
     LOD0 entry (0, i): the token ids of block i, tokens [i*B, min((i+1)*B, N)); costs its
                        token count (B for a whole block, less for the partial last block)
@@ -22,26 +22,43 @@ Invariants of every WorkingContext (checked on construction):
 Operations: expand(i) replaces a LOD2 gist by its B LOD1 gists, or a LOD1 gist by its
 block's tokens (cost + B-1 either way); collapse(i) replaces B aligned sibling LOD1 gists by
 their LOD2 gist, or a whole LOD0 block outside the tail by its LOD1 gist (cost - (B-1)).
-expandable_mask() / collapsible_mask() say which entries may do so legally. Every operation
-returns a new WorkingContext; a WC is immutable.
+expandable_mask() / collapsible_mask() say which entries may do so legally. swap(i, j) is
+the paired collapse-then-expand an allocator makes at full budget. extend(N') follows a
+growing history: new tokens arrive as LOD0, and when the budget is exceeded the oldest
+collapsible entries collapse; only when nothing can collapse is the oldest history dropped,
+always with a DroppedHistoryWarning. first_difference(other) is the first entry two WCs
+disagree on (what a KV cache can keep). Every operation returns a new WorkingContext; a WC
+is immutable.
+
+Sequence slots. Each entry occupies `cost` consecutive slots of the base model's sequence
+(one per LOD0 token, one per gist); slot_offsets gives every entry's first slot, and the
+slot index is the rotary position (megacontext/base_inputs.py): a WC of any history is an
+ordinary sequence of at most `budget` positions.
 
 Constructors: recency() (the baseline), uniform(), random_mix() (training), pack() (from a
-requested level per block), from_entries() (validated). to_tensors() turns a WC into the
-inputs of the base model (see megacontext/base_inputs.py), reading tokens and gists from a
-MegaContextTree or a TensorStore. TailGistCache keeps LOD2 gists plus the last K LOD1 gists
-of a growing tree in memory, for LensNet.
+requested level per block), from_entries() (validated). to_tensors() turns one WC into
+per-slot tensors; pack_batch() turns a batch of WCs plus their horizons into the inputs of
+the base model (idx, targets, gist_mask, gist_vectors, fixed-shape with `length`), the one
+packing that ΔNLL, training, the eval harness and the runtime share. Both read tokens and
+gists from a MegaContextTree or a TensorStore. TailGistCache keeps LOD2 gists plus the last
+K LOD1 gists of a growing tree in memory, for LensNet.
 
-This module only decides and checks layouts; it never scores entries (lensnet.py) and never
+This module decides, checks and packs layouts; it never scores entries (lensnet.py) and never
 chooses which ones to change (allocator.py).
 """
 
 import random
+import warnings
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from megacontext.tree import node_children, node_span
+from megacontext.tree import BLOCK_SIZE, node_children, node_span
+
+
+class DroppedHistoryWarning(UserWarning):
+    """The oldest part of the history no longer fits the budget, even fully collapsed, and was dropped."""
 
 
 class Entry(NamedTuple):
@@ -134,7 +151,7 @@ class _Rng:
 class WorkingContext:
     """An immutable, legal Working Context over a history of `history_len` tokens."""
 
-    def __init__(self, entries, history_len, budget, block_size=32, tail_tokens=None, _check=True):
+    def __init__(self, entries, history_len, budget, block_size=BLOCK_SIZE, tail_tokens=None, _check=True):
         self.entries = tuple(entries)
         self.history_len = int(history_len)
         self.budget = None if budget is None else int(budget)
@@ -147,7 +164,7 @@ class WorkingContext:
     # --- construction ---
 
     @classmethod
-    def from_entries(cls, entries, history_len, budget, block_size=32, tail_tokens=None):
+    def from_entries(cls, entries, history_len, budget, block_size=BLOCK_SIZE, tail_tokens=None):
         """A WC from (level, index) pairs (or Entry tuples), in history order. Raises ValueError
         naming the first broken invariant."""
         if block_size < 2:
@@ -206,7 +223,7 @@ class WorkingContext:
                               _check=False)
 
     @classmethod
-    def pack(cls, history_len, block_levels, budget=None, block_size=32, tail_tokens=None, drop_oldest=False):
+    def pack(cls, history_len, block_levels, budget=None, block_size=BLOCK_SIZE, tail_tokens=None, drop_oldest=False):
         """The WC closest to a requested level per block (array of 0/1/2, one per block incl. the
         partial last one): a block is never coarser than requested; LOD2 is used where a whole
         aligned group of B blocks asks for 2 (other blocks asking for 2 get LOD1); the tail and
@@ -237,7 +254,7 @@ class WorkingContext:
         return cls(entries, N, budget, B, tail_tokens)
 
     @classmethod
-    def recency(cls, history_len, budget, block_size=32, tail_tokens=None):
+    def recency(cls, history_len, budget, block_size=BLOCK_SIZE, tail_tokens=None):
         """The recency baseline: the longest LOD0 suffix that fits, then the longest LOD1
         stretch before it that fits, then LOD2 (LOD1 for blocks of a group cut by the LOD1 or
         LOD0 stretch) back to the start of the history.
@@ -278,21 +295,27 @@ class WorkingContext:
         return cls(entries, N, W, B, tail_tokens)
 
     @classmethod
-    def uniform(cls, history_len, level, budget=None, block_size=32, tail_tokens=None):
-        """Everything outside the LOD0 tail at `level` (for LOD2: whole groups, LOD1 for the
-        blocks after the last whole group). With a budget, the oldest entries are dropped to
-        fit, so uniform(N, 0, W) is 'the last W tokens' in whole blocks."""
+    def uniform(cls, history_len, level, budget=None, block_size=BLOCK_SIZE, tail_tokens=None, start=0):
+        """Everything outside the LOD0 tail at `level` (for LOD2: whole aligned groups, LOD1
+        for the blocks around them). With a budget, the oldest entries are dropped to fit, so
+        uniform(N, 0, W) is 'the last W tokens' in whole blocks. start (a multiple of B, at
+        most the tail's first token) leaves out the history before it: uniform(t, 1,
+        start=t - C) is ΔNLL's LOD1 layout of the C tokens before t, its LOD2 groups still
+        aligned to token 0 of the history."""
         if level not in (0, 1, 2):
             raise ValueError(f"level must be 0, 1 or 2, got {level}")
         N, B = int(history_len), int(block_size)
         tail_tokens = B if tail_tokens is None else int(tail_tokens)
         tb = _tail_start(N, tail_tokens, B) // B
-        entries = _region(level, 0, tb, N, B) + _region(0, tb, -(-N // B), N, B)
+        if start < 0 or start % B or start // B > tb:
+            raise ValueError(f"start={start} must be a multiple of {B} between 0 and {tb * B} (the first token "
+                             f"of the LOD0 tail)")
+        entries = _region(level, start // B, tb, N, B) + _region(0, tb, -(-N // B), N, B)
         _check_tail_fits(N, tail_tokens, B, budget)
         return cls(_drop_oldest(entries, budget), N, budget, B, tail_tokens)
 
     @classmethod
-    def random_mix(cls, rng, history_len, budget, block_size=32, tail_tokens=None, fill=None):
+    def random_mix(cls, rng, history_len, budget, block_size=BLOCK_SIZE, tail_tokens=None, fill=None):
         """A random legal mix of levels, for training: start from the cheapest cover (dropping
         the oldest part if needed, as recency() does), then expand randomly chosen gists, each
         uniformly among all gists, until a `fill` fraction of the spare budget is used (fill
@@ -349,6 +372,12 @@ class WorkingContext:
     @property
     def costs(self):
         return np.array([e.cost for e in self.entries], dtype=np.int64)
+
+    @property
+    def slot_offsets(self):
+        """(n + 1,) int64: the first sequence slot of every entry (a cumsum of costs from 0);
+        entry k occupies slots [slot_offsets[k], slot_offsets[k + 1]) and slot_offsets[-1] == cost."""
+        return np.concatenate([[0], np.cumsum(self.costs)]).astype(np.int64)
 
     @property
     def spans(self):
@@ -429,49 +458,117 @@ class WorkingContext:
         parent = _entry(level, index, self.history_len, self.block_size)
         return self._new(self.entries[:first] + (parent,) + self.entries[stop:])
 
+    def swap(self, collapse_i, expand_j):
+        """Collapse the group holding entry collapse_i, then expand entry expand_j (both
+        indices into this WC): the paired move of an allocator at full budget, cost unchanged.
+        ValueError if either half is illegal or expand_j lies inside the collapsing group."""
+        n = len(self)
+        for name, k in (("collapse_i", collapse_i), ("expand_j", expand_j)):
+            if not 0 <= k < n:
+                raise ValueError(f"swap: {name}={k} is not an entry index of this WC (0..{n - 1})")
+        group = self.collapse_group(collapse_i)
+        if group is None:
+            self.collapse(collapse_i)  # raises the collapse error
+        first, stop, _ = group
+        if first <= expand_j < stop:
+            raise ValueError(f"swap: entry {expand_j} is part of the group [{first}, {stop}) that collapsing entry "
+                             f"{collapse_i} merges; expand an entry outside it")
+        if self.entries[expand_j].level == 0:
+            raise ValueError(f"swap: entry {expand_j} is LOD0 already; only gists expand")
+        after = expand_j if expand_j < first else expand_j - (stop - first - 1)
+        return self.collapse(collapse_i).expand(after)
+
+    def extend(self, history_len):
+        """This WC after the history grew to `history_len` tokens: the partial last block
+        grows and new blocks are appended, all LOD0. Over budget, the oldest collapsible
+        entries collapse first, in history order (a whole LOD0 block outside the tail to its
+        LOD1 gist, B aligned LOD1 gists to their LOD2 gist, a collapse that completes an
+        older group collapsing that group next), until the WC fits. Only if nothing can
+        collapse are the oldest entries dropped, with a DroppedHistoryWarning naming how many
+        tokens. Deterministic; a budget below the LOD0 tail's cost is a ValueError."""
+        N0, N, B, W = self.history_len, int(history_len), self.block_size, self.budget
+        if N < N0:
+            raise ValueError(f"extend() only grows a history: {N} < {N0} tokens; build a new WC for a shorter one")
+        if N == N0:
+            return self
+        entries = list(self.entries)
+        first_new = N0 // B  # the partial last block (if any) grows, later blocks are new
+        if entries and entries[-1].level == 0 and entries[-1].index == first_new:
+            entries.pop()
+        entries += [_entry(0, b, N, B) for b in range(first_new, -(-N // B))]
+        cost = sum(e.cost for e in entries)
+        if W is None or cost <= W:
+            return WorkingContext(entries, N, W, B, self.tail_tokens, _check=False)
+        _check_tail_fits(N, self.tail_tokens, B, W)
+        # one pass from the oldest entry: every collapse before the current entry has been made,
+        # so the first collapsible group of what is left is always the next one reached
+        lod0_until = max(0, N - self.tail_tokens)  # a LOD0 block may collapse if it ends by here
+        out, k = [], 0
+        while k < len(entries) and cost > W:
+            e = entries[k]
+            k += 1
+            if e.level == 0 and e.end - e.start == B and e.end <= lod0_until:
+                e = _entry(1, e.index, N, B)
+                cost -= B - 1
+            out.append(e)
+            if (cost > W and e.level == 1 and e.index % B == B - 1 and len(out) >= B
+                    and out[-B].index == e.index - (B - 1) and all(x.level == 1 for x in out[-B:])):
+                del out[-B:]  # the B LOD1 gists of an aligned group, all present
+                out.append(_entry(2, e.index // B, N, B))
+                cost -= B - 1
+        out += entries[k:]
+        if cost > W:
+            old_start = out[0].start
+            out = _drop_oldest(out, W)
+            warnings.warn(f"working context over budget {W} with nothing left to collapse: dropped the oldest "
+                          f"{out[0].start - old_start} tokens of the history (it now starts at token {out[0].start} "
+                          f"of {N}); raise the budget to keep them", DroppedHistoryWarning, stacklevel=2)
+        return WorkingContext(out, N, W, B, self.tail_tokens, _check=False)
+
+    def first_difference(self, other):
+        """Index of the first entry where this WC and `other` differ; min(len) when one is a
+        prefix of the other (len when equal). Slots before slot_offsets[k] hold the same
+        inputs in both, so a KV cache of them stays valid. A partial last block that grew
+        counts as changed (its span differs), though its earlier slots are the same tokens."""
+        if not isinstance(other, WorkingContext) or other.block_size != self.block_size:
+            raise ValueError("first_difference compares two WorkingContexts of the same block_size")
+        n = min(len(self), len(other))
+        for k in range(n):
+            if self.entries[k] != other.entries[k]:
+                return k
+        return n
+
     # --- model inputs ---
 
     def to_tensors(self, store, embed_fn, gist_token_id=0, device=None, dtype=None):
-        """The base model's inputs for this WC, one slot per LOD0 token and per gist:
+        """Per-slot tensors of this WC, one slot per LOD0 token and per gist:
 
-            inputs_embeds (T, D)  token embeddings (embed_fn) for LOD0, gist vectors for gists
-            token_ids     (T,)    LOD0 token ids; gist_token_id at gist slots (a valid id, so
-                                  id-indexed lookups such as value embeddings never go out of range)
-            gist_mask     (T,)    True at gist slots
-            positions     (T,)    history position: the token's for LOD0, the span's first for gists
-            lod           (T,)    level of each slot
-            entry_index   (T,)    which WC entry each slot belongs to
+            inputs_embeds   (T, D)  token embeddings (embed_fn) for LOD0, gist vectors for gists
+            token_ids       (T,)    LOD0 token ids; gist_token_id at gist slots (a valid id, so
+                                    id-indexed lookups such as value embeddings never go out of range)
+            gist_mask       (T,)    True at gist slots
+            positions       (T,)    the slot index 0..T-1: the base model's rotary position
+            token_positions (T,)    history position: the token's for LOD0, the span's first for gists
+            lod             (T,)    level of each slot
+            entry_index     (T,)    which WC entry each slot belongs to
 
         store: a MegaContextTree or a TensorStore (anything with tokens(start, end) and
         gists(level, i, j)). embed_fn(token_ids (n, L)) -> (n, L, D). Gists keep autograd when
-        the store holds tensors that require grad."""
-        if device is None:
-            device = store.token_ids.device if isinstance(store, TensorStore) else torch.device("cpu")
-        device = torch.device(device)
-        # read each run of same-level entries with one call to the store
-        runs, k, n = [], 0, len(self.entries)
-        while k < n:
-            stop = k
-            while stop < n and self.entries[stop].level == self.entries[k].level:
-                stop += 1
-            runs.append((self.entries[k].level, k, stop))
-            k = stop
+        the store holds tensors that require grad. For a batch of base-model rows use pack_batch."""
+        device = torch.device(device) if device is not None else _store_device(store)
         ids, lod, pos, owner, vectors = [], [], [], [], []
-        for level, k, stop in runs:
+        for level, k, stop in _runs(self.entries):
             run = self.entries[k:stop]
             if level == 0:
-                t = torch.as_tensor(store.tokens(run[0].start, run[-1].end)).to(device=device, dtype=torch.long)
+                t = _read_tokens(store, run[0].start, run[-1].end, device)
                 pos.append(torch.arange(run[0].start, run[-1].end, device=device))
                 counts = torch.tensor([e.cost for e in run], device=device)
                 vectors.append(None)  # embedded below, all LOD0 tokens in one embed_fn call
             else:
-                g = store.gists(level, run[0].index, run[-1].index + 1)
-                if not isinstance(g, torch.Tensor):
-                    g = torch.from_numpy(np.array(g, dtype=np.float32))  # copy: the tree's are read-only maps
                 t = torch.full((len(run),), gist_token_id, dtype=torch.long, device=device)
                 pos.append(torch.tensor([e.start for e in run], device=device))
                 counts = torch.ones(len(run), dtype=torch.long, device=device)
-                vectors.append(g.to(device))
+                vectors.append(_read_gists(store, level, run[0].index, run[-1].index + 1, device))
             ids.append(t)
             lod.append(torch.full((len(t),), level, dtype=torch.long, device=device))
             owner.append(torch.repeat_interleave(torch.arange(k, stop, device=device), counts))
@@ -493,30 +590,168 @@ class WorkingContext:
         inputs_embeds = (torch.cat([p.to(device=device, dtype=dtype) for p in pieces]) if pieces
                          else torch.zeros(0, dim, dtype=dtype, device=device))
         return {"inputs_embeds": inputs_embeds, "token_ids": token_ids, "gist_mask": lod > 0,
-                "positions": cat(pos), "lod": lod, "entry_index": cat(owner)}
+                "positions": torch.arange(len(token_ids), device=device), "token_positions": cat(pos),
+                "lod": lod, "entry_index": cat(owner)}
+
+
+def _runs(entries):
+    """(level, first, stop) for every maximal run of same-level entries: a run's nodes have
+    consecutive indices (the cover is contiguous), so one store call reads it."""
+    runs, k, n = [], 0, len(entries)
+    while k < n:
+        stop = k
+        while stop < n and entries[stop].level == entries[k].level:
+            stop += 1
+        runs.append((entries[k].level, k, stop))
+        k = stop
+    return runs
+
+
+def _store_device(store):
+    return store.token_ids.device if isinstance(store, TensorStore) else torch.device("cpu")
+
+
+def _read_tokens(store, start, end, device):
+    return torch.as_tensor(store.tokens(start, end)).to(device=device, dtype=torch.long)
+
+
+def _read_gists(store, level, start, end, device):
+    g = store.gists(level, start, end)
+    if not isinstance(g, torch.Tensor):
+        g = torch.from_numpy(np.array(g, dtype=np.float32))  # copy: the tree's are read-only maps
+    return g.to(device)
+
+# -----------------------------------------------------------------------------
+# A batch of WCs as the base model's inputs
+
+
+def pack_batch(wcs, stores, horizons, *, n_embd, bos_id=None, length=None, device=None, dtype=torch.float32):
+    """B working contexts and their horizons -> the inputs of the base model, as a dict of
+
+        idx          (B, T) long   row b: [BOS] + the slots of wcs[b] + horizons[b][:-1];
+                                   gist slots hold token 0 (any valid id: base_inputs ignores it)
+        targets      (B, T) long   -1 except the H positions predicting the horizon (the last
+                                   context slot predicts horizons[b][0])
+        gist_mask    (B, T) bool   True at gist slots
+        gist_vectors (B, T, D)     the gists at gist slots, 0 elsewhere (autograd reaches the
+                                   store's gist tensors, e.g. GistNet outputs in a TensorStore)
+
+    feed them as `with base_inputs.gist_inputs(model, gist_mask, gist_vectors): model(idx, targets)`.
+    Rows are right-padded to `length` (default: the longest row) with token 0, target -1 and
+    no gist; causal attention and the smear only look back, so padding changes nothing before
+    it. A fixed `length` (e.g. 1 + budget + H - 1) gives the same shapes and dtypes on every
+    call, so a compiled model runs without recompiling; a row longer than `length` is a
+    ValueError. stores: one per WC, or one shared by all (tree or TensorStore). horizons: a
+    (B, H) tensor or B equal-length sequences of token ids. device: default that of a horizons
+    tensor, else of the first TensorStore, else CPU. dtype: of gist_vectors (float32 holds
+    fp16/bf16/fp32 gists exactly; the model casts them to its own dtype)."""
+    wcs = list(wcs)
+    B = len(wcs)
+    if B == 0:
+        raise ValueError("pack_batch needs at least one working context")
+    if isinstance(stores, (list, tuple)):
+        if len(stores) != B:
+            raise ValueError(f"pack_batch got {len(stores)} stores for {B} working contexts; pass one per WC "
+                             f"or a single shared store")
+    else:
+        stores = [stores] * B
+    if device is None:
+        device = horizons.device if isinstance(horizons, torch.Tensor) else _store_device(stores[0])
+    device = torch.device(device)
+    horizons = _as_horizons(horizons, B, device)
+    H = horizons.size(1)
+    head = 0 if bos_id is None else 1
+    n_context = [head + wc.cost for wc in wcs]
+    for b, P in enumerate(n_context):
+        if P < 1:
+            raise ValueError(f"row {b} has an empty working context and no BOS; the first horizon token needs a "
+                             f"position to be predicted from")
+    row_lens = [P + H - 1 for P in n_context]
+    T = max(row_lens) if length is None else int(length)
+    for b, n in enumerate(row_lens):
+        if n > T:
+            raise ValueError(f"row {b} needs {n} positions ({head} BOS + {wcs[b].cost} WC slots + {H - 1} horizon "
+                             f"tokens) but length={T}; raise length or lower the WC's budget")
+    if T < 2:
+        raise ValueError("context + horizon must span at least 2 positions (GPT.forward needs T > 1)")
+    idx = torch.zeros(B, T, dtype=torch.long, device=device)
+    targets = torch.full((B, T), -1, dtype=torch.long, device=device)
+    gist_mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    gist_at, gists = [], []  # flat slot b * T + t of every gist, and the gists themselves
+    for b, (wc, store) in enumerate(zip(wcs, stores)):
+        pieces = [] if bos_id is None else [torch.tensor([bos_id], dtype=torch.long, device=device)]
+        slot = head
+        for level, k, stop in _runs(wc.entries):
+            run = wc.entries[k:stop]
+            if level == 0:
+                pieces.append(_read_tokens(store, run[0].start, run[-1].end, device))
+            else:
+                g = _read_gists(store, level, run[0].index, run[-1].index + 1, device)
+                if g.ndim != 2 or g.shape != (len(run), n_embd):
+                    raise ValueError(f"the store's LOD{level} gists [{run[0].index}, {run[-1].index + 1}) have shape "
+                                     f"{tuple(g.shape)}, expected ({len(run)}, {n_embd}) (n_embd)")
+                pieces.append(torch.zeros(len(run), dtype=torch.long, device=device))
+                gist_at.append(torch.arange(b * T + slot, b * T + slot + len(run), device=device))
+                gists.append(g)
+            slot += len(pieces[-1])
+        seq = torch.cat(pieces + [horizons[b, :-1]])
+        P = n_context[b]
+        idx[b, :len(seq)] = seq
+        targets[b, P - 1:P - 1 + H] = horizons[b]
+    vectors = torch.zeros(B * T, n_embd, dtype=dtype, device=device)
+    if gists:
+        at = torch.cat(gist_at)
+        gist_mask.view(-1)[at] = True
+        # out-of-place, so autograd carries the gradient back into the gist tensors
+        vectors = vectors.index_copy(0, at, torch.cat([g.to(dtype) for g in gists]))
+    return {"idx": idx, "targets": targets, "gist_mask": gist_mask, "gist_vectors": vectors.view(B, T, n_embd)}
+
+
+def _as_horizons(horizons, n_rows, device):
+    if isinstance(horizons, torch.Tensor):
+        h = horizons
+    else:
+        rows = [torch.as_tensor(np.asarray(r) if not isinstance(r, torch.Tensor) else r) for r in horizons]
+        lengths = sorted({len(r) for r in rows})
+        if len(lengths) > 1:
+            raise ValueError(f"horizons have different lengths {lengths}; pack rows of one horizon length together")
+        h = torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.long)
+    if h.ndim != 2 or h.size(0) != n_rows or h.size(1) < 1 or h.is_floating_point() or h.dtype == torch.bool:
+        raise ValueError(f"horizons must be (B, H) token ids with B = {n_rows} rows and H >= 1, got {h.dtype} of "
+                         f"shape {tuple(h.shape)}")
+    return h.to(device=device, dtype=torch.long)
 
 
 # -----------------------------------------------------------------------------
-# Stores that to_tensors reads from
+# Stores that to_tensors and pack_batch read from
 
 
 class TensorStore:
-    """A history held in memory as tensors: token ids (N,) and gists per level, e.g. during
-    training where the gists come straight out of GistNet and must keep their gradients."""
+    """A history held in memory as tensors: token ids and gists per level, e.g. during
+    training where the gists come straight out of GistNet and must keep their gradients.
+    It may hold a window of a longer history: token_ids[0] is token first_token, lod1[0] is
+    LOD1 gist first_lod1 and lod2[0] LOD2 gist first_lod2 (all 0 by default)."""
 
-    def __init__(self, token_ids, lod1=None, lod2=None):
+    def __init__(self, token_ids, lod1=None, lod2=None, first_token=0, first_lod1=0, first_lod2=0):
         self.token_ids = torch.as_tensor(token_ids).reshape(-1)
         self.lod1, self.lod2 = lod1, lod2
+        self.first_token, self.first = int(first_token), {1: int(first_lod1), 2: int(first_lod2)}
 
     def tokens(self, start, end):
-        return self.token_ids[start:end]
+        lo, hi = start - self.first_token, end - self.first_token
+        if lo < 0 or hi > len(self.token_ids):
+            raise IndexError(f"tokens [{start}, {end}) requested but the store holds [{self.first_token}, "
+                             f"{self.first_token + len(self.token_ids)})")
+        return self.token_ids[lo:hi]
 
     def gists(self, level, start, end):
         g = {1: self.lod1, 2: self.lod2}.get(level)
-        if g is None or end > len(g):
+        first = self.first.get(level, 0)
+        if g is None or start < first or end - first > len(g):
             have = 0 if g is None else len(g)
-            raise IndexError(f"LOD{level} gists [{start}, {end}) requested but the store holds {have}")
-        return g[start:end]
+            raise IndexError(f"LOD{level} gists [{start}, {end}) requested but the store holds [{first}, "
+                             f"{first + have})")
+        return g[start - first:end - first]
 
 
 class TailGistCache:

@@ -2,7 +2,9 @@
 cross-entropy, ΔNLL@H's four NLLs equal hand-built working contexts (LOD1 gists, LOD2 gists on
 1024-token spans aligned to the document, dropped blocks), the deltas and recovered fractions
 follow DESIGN.md section 6, evaluate_delta_nll averages positions, and the training losses
-are differentiable into GistNet only. A slow test trains GistNets on the fixture model."""
+are differentiable into GistNet only. The WorkingContext path (pack_batch) gives exactly the
+inputs and NLLs of the old rows path (pack_rows) on the same layouts, as long as eval.py
+still uses the latter. A slow test trains GistNets on the fixture model."""
 import json
 
 import pytest
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from megacontext import losses
 from megacontext.base_inputs import gist_inputs
 from megacontext.gistnet import GistNet, GistNetConfig, token_embeddings
+from megacontext.working_context import pack_batch
 from nanochat.gpt import GPT, GPTConfig, norm
 
 D = 64
@@ -141,6 +144,32 @@ def test_lod2_uses_whole_document_aligned_spans(model, gistnet, document, metric
     # one block later the context starts at token 32: no span [1024k, 1024k + 1024) fits whole
     shifted = losses.delta_nll(model, gistnet, document, 1088 + 32, context_tokens=C, horizon=H)
     assert shifted["nll_lod2"] == shifted["nll_lod1"]
+
+
+@pytest.mark.parametrize("bos", [None, 5])
+def test_working_context_path_equals_the_rows_path(model, gistnet, document, bos):
+    t, C, H = 1088, 1088, 32  # a LOD2 span [0, 1024) plus LOD1 block 32 before the kept block
+    context, horizon = document[t - C:t], document[t:t + H]
+    with torch.no_grad():
+        lod1, lod2 = losses.context_gists(model, gistnet, context[None], first_token=t - C)
+        gists = losses.gisted_contexts(model, gistnet, context[None], first_token=t - C)
+    store = losses.context_store(context, lod1[0], lod2[0], t - C)
+    layouts = losses.delta_nll_layouts(t, C)
+    assert [layouts[k].cost for k in ("full", "lod1", "lod2", "drop")] == [C, 33 + 32, 2 + 32, 32]
+    wcs = [layouts[k] for k in ("full", "lod1", "lod2", "drop")]
+    last = context[-32:]
+    rows = [[context], [gists[1][0], last], [gists[2][0], last], [last]]
+    rows = rows if bos is None else [[[bos]] + row for row in rows]
+    horizons = horizon.expand(4, H)
+    old = losses.pack_rows(rows, horizons, D, "cpu")
+    new = pack_batch(wcs, store, horizons, n_embd=D, bos_id=bos)
+    for got, want in zip((new[k] for k in ("idx", "targets", "gist_mask", "gist_vectors")), old):
+        assert torch.equal(got, want)
+    with torch.no_grad():
+        assert torch.equal(losses.horizon_nll(model, wcs, horizons, stores=store, bos_id=bos),
+                           losses.horizon_nll(model, rows, horizons))
+    with pytest.raises(ValueError, match="without stores"):
+        losses.horizon_nll(model, wcs, horizons)
 
 
 def test_lod2_span_starts():

@@ -82,6 +82,13 @@ def run_train_config(base, config_text, tmp_path, *overrides):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
+def run_log(tmp_path, run_name):
+    """The one telemetry file of a run (named <run> or <run>-<timestamp>, see megacontext/telemetry.py)."""
+    found = sorted((tmp_path / "artifacts" / "run_logs").glob(f"{run_name}*.jsonl"))
+    assert len(found) == 1, f"expected one telemetry file for run {run_name}, found {found}"
+    return read_jsonl(found[0])
+
+
 def test_jt1_trains_every_gistnet_parameter_and_keeps_the_base_frozen(train_base_dir, tmp_path):
     r = run_train_config(train_base_dir, JT1_CONFIG, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -101,7 +108,7 @@ def test_jt1_trains_every_gistnet_parameter_and_keeps_the_base_frozen(train_base
     unchanged = [k for k in init if torch.equal(init[k], trained[k])]
     assert unchanged == [k for k in init if k.startswith("levels.1.")] and len(unchanged) < len(init)
 
-    records = read_jsonl(tmp_path / "artifacts" / "run_logs" / "jt1.jsonl")
+    records = run_log(tmp_path, "jt1")
     steps = [r for r in records if "step" in r]
     assert [r["phase"] for r in steps] == ["pooling_mse"] * 2 + ["delta_nll"] * 4
     assert "val_delta_lod1" in steps[2] and "val_delta_drop" in steps[5]
@@ -160,7 +167,7 @@ def test_jt1_on_long_document_rows_reads_past_the_bos(train_base_dir, tmp_path):
     r = run_train_config(train_base_dir, config, tmp_path, "--num_iterations=4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Data: long documents (pydoc" in r.stdout and "JT1 val ΔNLL@H lod1" in r.stdout
-    records = [x for x in read_jsonl(tmp_path / "artifacts" / "run_logs" / "jt1.jsonl") if "step" in x]
+    records = [x for x in run_log(tmp_path, "jt1") if "step" in x]
     assert len(records) == 4 and all(math.isfinite(x["loss"]) for x in records)
     # a window that does not fit the row once the BOS takes its place is one clear line
     bad = config.replace("  context_tokens: 96\n", "  context_tokens: 160\n")
