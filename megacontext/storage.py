@@ -52,7 +52,11 @@ _HEADER_CRC = struct.Struct("<I")
 _SEED_END, _CRC_AT = 46, 60
 assert _SEED_FIELDS.size == _SEED_END and _SEED_END + _COMMIT_FIELDS.size == _CRC_AT
 FLAG_COMMITTED = 0x0001  # reserved bytes are in use (a seed-spec file has them all zero)
-_KNOWN_FLAGS = FLAG_COMMITTED
+# Gist files only: some entries were made by an earlier GistNet than gistnet_id (a refresh of a
+# block range; tree.json lists which). Kept in the file itself, so a lost tree.json can never
+# make a mixed file pass as one GistNet's; readers older than this bit refuse such files.
+FLAG_STALE = 0x0002
+_KNOWN_FLAGS = FLAG_COMMITTED | FLAG_STALE
 MAX_ENTRIES = 2**32 - 1  # the committed count is a u32
 _CHUNK_BYTES = 1 << 20   # checksums are computed through a fixed buffer, so RAM stays flat
 
@@ -315,6 +319,7 @@ class CtxReader:
     model_name = property(lambda self: self._hdr.model_name)
     gistnet_id = property(lambda self: self._hdr.gistnet_id)
     seed_spec = property(lambda self: self._hdr.seed_spec)
+    holds_stale_gists = property(lambda self: bool(self._hdr.flags & FLAG_STALE))  # see FLAG_STALE
     entry_shape = property(lambda self: (self._hdr.entry_width,))
     entry_bytes = property(lambda self: self._hdr.entry_bytes)
 
@@ -331,6 +336,17 @@ class CtxReader:
         problem = _expectation_problem(self.path, self._hdr, None, model_name, gistnet)
         if problem:
             raise ValueError(problem)
+
+    def is_replaced(self):
+        """True when the path now names another file than the one open here (a refresh swapped
+        in a new file, or it was removed): this reader still sees the old file's entries."""
+        self._check_open()
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        mine = os.fstat(self._fd)
+        return (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
 
     # --- size, integrity ---
 
@@ -720,13 +736,14 @@ def _show(field, value):
 
 
 def create_ctx(path, *, level, block_size=32, embedding_dim=0, dtype=None, model_name, gistnet=None,
-               exist_ok=False, durable=True, verify=True):
+               exist_ok=False, durable=True, verify=True, stale=False):
     """Create a .ctx file and return a writer (a context manager) to append to it.
 
     level 0 stores token ids (dtype uint32; embedding_dim may be 0 or the model's width);
     levels 1 and 2 store gists of embedding_dim in 'fp16' (default) or 'bf16', made by the
     GistNet named by `gistnet` (a name or weights fingerprint; see gistnet_id). block_size
-    is the tree's branching factor, the same in all three files. With exist_ok=True an
+    is the tree's branching factor, the same in all three files. stale=True sets FLAG_STALE
+    (a gist file that also holds an earlier GistNet's gists). With exist_ok=True an
     existing file with this same header is reopened for appending instead; a file with any
     other header is refused and left as it was."""
     code = _dtype_code(dtype, level)
@@ -737,7 +754,10 @@ def create_ctx(path, *, level, block_size=32, embedding_dim=0, dtype=None, model
     gid = gistnet_id(gistnet)
     if level == 0 and gid:
         raise ValueError(f"cannot create {path}: LOD0 holds token ids and has no GistNet; pass gistnet=None")
-    want = _Header(level, block_size, embedding_dim, code, model_name, gistnet_id=gid, flags=FLAG_COMMITTED)
+    if level == 0 and stale:
+        raise ValueError(f"cannot create {path}: LOD0 holds token ids, which are never stale; pass stale=False")
+    flags = FLAG_COMMITTED | (FLAG_STALE if stale else 0)
+    want = _Header(level, block_size, embedding_dim, code, model_name, gistnet_id=gid, flags=flags)
     path = Path(path)
     if not path.exists() and _link_new_file(path, want):
         return open_ctx_for_append(path, verify=verify, durable=durable)

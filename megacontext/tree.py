@@ -48,6 +48,19 @@ and swaps them in through a small journal (refresh.json): a crash before the jou
 written leaves the old tree, a crash after it is rolled forward on the next writable open.
 A refresh of only a block range under a new GistNet records the blocks still gisted by the
 old one ("stale blocks", in tree.json), so `is_stale()` stays true until they are redone.
+The gist files themselves carry a STALE flag while any stale block remains (storage.FLAG_STALE),
+so a tree.json that was lost, deleted or replaced by an older copy can never make a mixed tree
+pass as one GistNet's: a flagged tree without a matching stale record counts every gist it
+held as stale. A read-only open with expect_gistnet refuses a tree with stale blocks (its
+reader wants that GistNet's gists only); a writable one accepts it, so the refresh can finish.
+
+Following a writer. A read-only tree reads a consistent snapshot: the state of its last
+open() or reload(). reload() picks up the writer's appends, and when the writer's refresh has
+swapped in new LOD1/LOD2 files (the paths name other files than the ones held open), reopens
+them with the checks of the original open() and bumps `generation`. A new GistNet that
+expect_gistnet does not allow, stale blocks it does not allow, or a replaced LOD0 (another
+tree) is refused with an error that also closes the tree, rather than leave it serving the old
+files; a refresh still being swapped in raises RefreshInProgress and keeps the snapshot.
 
 This module decides what goes into the tree and when. It never tokenizes text, never loads
 checkpoints and never defines the byte layout (storage.py does).
@@ -62,7 +75,7 @@ import numpy as np
 import torch
 
 from megacontext.storage import (LEVEL_FILENAMES, CtxFormatError, check_tree, create_ctx, create_tree_dir,
-                                 gistnet_id, open_ctx_for_append, open_tree_dir, _fsync_dir)
+                                 gistnet_id, open_ctx, open_ctx_for_append, open_tree_dir, _fsync_dir)
 
 META_FILENAME = "tree.json"
 JOURNAL_FILENAME = "refresh.json"
@@ -73,26 +86,28 @@ DEFAULT_BATCH_BLOCKS = 256  # blocks gisted per GistNet call: big enough to keep
 # -----------------------------------------------------------------------------
 # Nodes: everything about (level, index) follows from the index
 
+BLOCK_SIZE = 32  # tokens per LOD0 block and LOD1 gists per LOD2 gist; the one definition (import it)
 
-def tokens_per_node(level, block_size=32):
+
+def tokens_per_node(level, block_size=BLOCK_SIZE):
     """Tokens one node of this level covers: B for LOD0 blocks and LOD1 gists, B*B for LOD2."""
     return block_size ** max(level, 1)
 
 
-def node_span(level, index, block_size=32):
+def node_span(level, index, block_size=BLOCK_SIZE):
     """(start, end) token span of node (level, index), before clipping to the history length."""
     n = tokens_per_node(level, block_size)
     return index * n, (index + 1) * n
 
 
-def node_index_at(level, position, block_size=32):
+def node_index_at(level, position, block_size=BLOCK_SIZE):
     """Index of the node at this level whose span holds token `position`."""
     if position < 0:
         raise IndexError(f"token position must be >= 0, got {position}")
     return position // tokens_per_node(level, block_size)
 
 
-def node_parent(level, index, block_size=32):
+def node_parent(level, index, block_size=BLOCK_SIZE):
     """The node one level coarser that summarizes this one: LOD0 block i -> LOD1 gist i,
     LOD1 gist i -> LOD2 gist i // B. LOD2 is the root level (None)."""
     if level == 0:
@@ -102,7 +117,7 @@ def node_parent(level, index, block_size=32):
     return None
 
 
-def node_children(level, index, block_size=32):
+def node_children(level, index, block_size=BLOCK_SIZE):
     """The nodes one level finer that a node summarizes: LOD2 gist j -> the B LOD1 gists
     [j*B, (j+1)*B); LOD1 gist i -> LOD0 block i (its B tokens); LOD0 block -> () (tokens)."""
     if level == 2:
@@ -248,7 +263,8 @@ class MegaContextTree:
         self.model_name = lod0.model_name
         self.dtype = files[1].dtype
         self.gistnet_name = gistnet_name if gistnet_name is not None else meta.get("gistnet_name")
-        self.generation = 0  # bumped by refresh(), so caches of gists know to start over
+        self.generation = 0  # bumped by refresh() and by reload() reopening refreshed files
+        self._expect = {}  # open()'s identity checks, applied again when reload() reopens gist files
         self._load_meta(meta)
 
     # --- opening and creating ---
@@ -301,9 +317,7 @@ class MegaContextTree:
             raise FileNotFoundError(f"tree directory {directory} does not exist; create it with "
                                     f"MegaContextTree.create() (or megacontext.ingest)")
         if readonly:
-            if (directory / JOURNAL_FILENAME).exists():
-                raise RuntimeError(f"{directory} has an unfinished gist refresh ({JOURNAL_FILENAME}); "
-                                   f"wait for it, or open the tree writable once to complete it")
+            _refuse_running_refresh(directory)
             files = open_tree_dir(directory, expect_model_name=expect_model_name,
                                   expect_gistnet=expect_gistnet, verify=verify)
         else:
@@ -313,6 +327,9 @@ class MegaContextTree:
             tree = cls(directory, files, meta, writable=not readonly, embed_fn=embed_fn, gist_fn=gist_fn,
                        gistnet_name=expect_gistnet if isinstance(expect_gistnet, str) else None,
                        durable=durable, batch_blocks=batch_blocks, device=device)
+            tree._expect = dict(expect_model_name=expect_model_name, expect_gistnet=expect_gistnet, verify=verify)
+            if readonly:
+                tree._check_reader_gistnet()
             if not readonly and gist_fn is not None:
                 tree._catch_up()
         except BaseException:
@@ -389,6 +406,14 @@ class MegaContextTree:
             tail = np.zeros(0, dtype=np.int64)
         self._tail = tail
         self._stale = _merge_ranges([list(r) for r in meta.get("stale_lod1_blocks", [])])
+        recorded = meta.get("gistnet_name")
+        if isinstance(recorded, str) and gistnet_id(recorded) != self.gistnet_id:
+            self._stale = []  # tree.json describes other gist files (an older copy): its record is void
+            if self.gistnet_name == recorded:
+                self.gistnet_name = None
+        if not self._stale and any(f.holds_stale_gists for f in self._files[1:]):
+            # the files say some gists are an earlier GistNet's but the record of which is gone
+            self._stale = [[0, len(self._files[1])]] if len(self._files[1]) else []
         self._sources = [dict(s) for s in meta.get("sources", [])]
 
     def _meta(self):
@@ -401,11 +426,63 @@ class MegaContextTree:
         _write_json_atomically(self.directory / META_FILENAME, self._meta(), self.durable)
 
     def reload(self):
-        """Read-only trees: pick up what a writer in another process has committed since."""
-        for f in self._files:
-            f.refresh()
-        self._load_meta(self._read_meta(self.directory, self._files[0]))
+        """Read-only trees: pick up what a writer in another process has committed since, and
+        reopen the gist files if the writer's refresh swapped in new ones (see the module
+        docstring). Returns num_tokens. While a refresh is being swapped in it raises
+        RefreshInProgress and keeps its snapshot (call it again later); other refusals close the tree."""
+        try:
+            _refuse_running_refresh(self.directory)
+            if self._files[0].is_replaced():
+                raise RuntimeError(f"{self._files[0].path} is another file than the one this tree opened (the "
+                                   f"tree was replaced); open it again")
+            swapped = any(f.is_replaced() for f in self._files[1:])
+            if swapped:
+                try:
+                    self._reopen_gist_files()
+                except ValueError as e:  # CtxFormatError included: same type, with what happened
+                    raise type(e)(f"the writer swapped in refreshed gists that this reader refuses: {e}") from None
+            # newest level first: the writer commits LOD0, then LOD1, then LOD2, so reading in the
+            # reverse order never sees a gist whose block or LOD1 gists it has not seen
+            for f in reversed(self._files):
+                f.refresh()
+            meta = self._read_meta(self.directory, self._files[0])
+            if swapped:
+                expect = self._expect.get("expect_gistnet")
+                self.gistnet_name = expect if isinstance(expect, str) else meta.get("gistnet_name")
+            self._load_meta(meta)
+            self._check_reader_gistnet()
+        except RefreshInProgress:
+            raise  # nothing was swapped in yet: the snapshot stands
+        except BaseException:
+            self.close()
+            raise
         return self.num_tokens
+
+    def _reopen_gist_files(self):
+        """Open the LOD1/LOD2 files the paths name now, with the checks of open(), in place of the old ones."""
+        new = []
+        try:
+            for level in (2, 1):  # newest level first (see reload)
+                new.insert(0, open_ctx(self.directory / LEVEL_FILENAMES[level], expect_level=level, **self._expect))
+            check_tree([self._files[0]] + new)
+            _refuse_running_refresh(self.directory)  # a new refresh may have begun while we opened them
+        except BaseException:
+            for f in new:
+                f.close()
+            raise
+        for f in self._files[1:]:
+            f.close()
+        self._files[1:] = new
+        self.dtype = new[0].dtype
+        self.generation += 1
+
+    def _check_reader_gistnet(self):
+        """A reader that named a GistNet reads only its gists: refuse stale blocks of another one."""
+        expect = self._expect.get("expect_gistnet")
+        if expect is not None and self._stale:
+            raise ValueError(f"{self.directory} still holds gists of an earlier GistNet in LOD1 blocks {self._stale} "
+                             f"(a refresh of a block range), so not all of them were made by GistNet {expect!r}; "
+                             f"refresh those blocks first, or open without expect_gistnet to read them anyway")
 
     # --- sources: which inputs the token stream came from, and how far each is committed ---
 
@@ -629,8 +706,14 @@ class MegaContextTree:
         paths = [self.directory / f".{LEVEL_FILENAMES[level]}.refresh" for level in (1, 2)]
         for p in paths:
             p.unlink(missing_ok=True)  # leftovers of a refresh that died before its journal
+        if whole:
+            stale = []
+        elif new_id == self.gistnet_id:
+            stale = _subtract_range(self._stale, a, b)
+        else:  # everything gisted before, outside [a, b), came from another GistNet
+            stale = _subtract_range(_merge_ranges(self._stale + [[0, old1]]), a, b)
         kw = dict(block_size=B, embedding_dim=self.embedding_dim, dtype=self.dtype,
-                  model_name=self.model_name, gistnet=new_id, durable=False)
+                  model_name=self.model_name, gistnet=new_id, durable=False, stale=bool(stale))
         try:
             with create_ctx(paths[0], level=1, **kw) as new1:
                 # LOD1: regist [a, b) and every block without a gist yet, copy the rest as it is
@@ -648,12 +731,6 @@ class MegaContextTree:
                             self._gist_groups(x, y, new1, new2, gist_fn)
                         else:
                             self._copy(lod2, x, y, new2)
-            if whole:
-                stale = []
-            elif new_id == self.gistnet_id:
-                stale = _subtract_range(self._stale, a, b)
-            else:  # everything gisted before, outside [a, b), came from another GistNet
-                stale = _subtract_range(_merge_ranges(self._stale + [[0, old1]]), a, b)
             meta = dict(self._meta(), gistnet_name=gistnet_name if isinstance(gistnet_name, str) else None,
                         stale_lod1_blocks=stale)
             journal = {"renames": [[p.name, LEVEL_FILENAMES[level]] for p, level in zip(paths, (1, 2))],
@@ -680,6 +757,17 @@ class MegaContextTree:
     def _copy(self, src, first, last, out):
         for a in range(first, last, self.batch_blocks):
             out.append(src[a:min(a + self.batch_blocks, last)])
+
+
+class RefreshInProgress(RuntimeError):
+    """A writer is swapping refreshed gist files in (its journal exists); read-only opens wait."""
+
+
+def _refuse_running_refresh(directory):
+    if (Path(directory) / JOURNAL_FILENAME).exists():
+        raise RefreshInProgress(f"{directory} has an unfinished gist refresh ({JOURNAL_FILENAME}); wait for it "
+                                f"(a read-only tree keeps its last snapshot until reload() succeeds), or open "
+                                f"the tree writable once to complete it")
 
 
 def _finish_refresh(directory):

@@ -191,6 +191,38 @@ def test_header_fields_and_seed_byte_layout(tmp_path):
                              "flags": 1, "seed_spec": False}
 
 
+def test_stale_flag_is_bit_1_and_survives_appends_and_reopens(tmp_path):
+    path = tmp_path / "LOD1.ctx"
+    with new_gist_file(path, stale=True) as w:
+        w.append(gists(2))
+    with open_ctx_for_append(path) as w:  # appends keep the flag: the old gists are still in the file
+        w.append(gists(1, seed=1))
+    r = open_ctx(path)
+    assert r.holds_stale_gists and len(r) == 3
+    assert struct.unpack_from("<H", path.read_bytes(), 58)[0] == 0b11 and r.commit_info["flags"] == 3
+    with new_gist_file(tmp_path / "plain.ctx") as w:
+        assert not w.holds_stale_gists
+    with pytest.raises(ValueError, match="LOD0 holds token ids, which are never stale"):
+        create_ctx(tmp_path / "LOD0.ctx", level=0, model_name="m", stale=True)
+    assert not (tmp_path / "LOD0.ctx").exists()
+
+
+def test_a_reader_knows_when_its_path_names_another_file(tmp_path):
+    path = tmp_path / "LOD1.ctx"
+    with new_gist_file(path) as w:
+        w.append(gists(2))
+    r = open_ctx(path)
+    assert not r.is_replaced()
+    with new_gist_file(tmp_path / "new.ctx", gistnet="gistnet-b") as w:
+        w.append(gists(4, seed=1))
+    os.replace(tmp_path / "new.ctx", path)  # what a tree refresh does
+    assert r.is_replaced() and len(r) == 2 and r.refresh() == 2  # still the old file, as it was
+    assert np.array_equal(r[:], gists(2).astype(np.float16))
+    path.unlink()
+    assert r.is_replaced()
+    r.close()
+
+
 def test_lod0_layout_is_whole_blocks_of_uint32(tmp_path):
     data = tokens(4)
     with create_ctx(tmp_path / "LOD0.ctx", level=0, embedding_dim=0, model_name="m") as w:

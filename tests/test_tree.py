@@ -189,6 +189,60 @@ def test_read_only_tree_follows_a_writer(tmp_path):
         ro.close()
 
 
+def test_a_follower_reopens_the_files_a_whole_refresh_swapped_in(tmp_path):
+    ids = stream(3 * 1024 + 50)
+    with new_tree(tmp_path / "t") as tree:
+        tree.ingest(ids)
+        ro = MegaContextTree.open(tmp_path / "t", readonly=True)
+        old1 = ro.gists(1)
+        tree.refresh(max_gist, "max")
+        assert np.array_equal(ro.gists(1), old1)  # until reload: the snapshot it opened
+        gen = ro.generation
+        assert ro.reload() == len(ids)
+        assert ro.generation == gen + 1 and ro.gistnet_name == "max" and not ro.is_stale("max")
+        assert_tree_matches(ro, ids, max_gist)
+        tree.ingest(ids[:100])  # and it keeps following the new files
+        assert ro.reload() == len(ids) + 100 and ro.generation == gen + 1
+        assert_tree_matches(ro, np.concatenate([ids, ids[:100]]), max_gist)
+        ro.close()
+
+
+def test_a_follower_refuses_what_its_open_would_refuse_and_closes(tmp_path):
+    ids = stream(2 * 1024)
+    with new_tree(tmp_path / "t") as tree:
+        tree.ingest(ids)
+        ro = MegaContextTree.open(tmp_path / "t", readonly=True, expect_gistnet="mean")
+        tree.refresh(max_gist, "max")
+        with pytest.raises(ValueError, match="writer swapped in refreshed gists.*not by GistNet 'mean'"):
+            ro.reload()
+        with pytest.raises(ValueError, match="closed"):  # never the old gists again
+            ro.gists(1, 0, 1)
+        ro = MegaContextTree.open(tmp_path / "t", readonly=True, expect_gistnet="max")
+        tree.refresh(mean_gist, "max", 0, 10)  # the GistNet it names, no stale blocks: followed
+        assert ro.reload() == len(ids) and ro.generation == 1
+        tree.refresh(mean_gist, "mean2", 0, 10)  # a range refresh by another GistNet: refused on its id
+        with pytest.raises(ValueError, match="not by GistNet 'max'"):
+            ro.reload()
+
+
+def test_a_follower_refuses_a_refresh_in_progress_and_a_replaced_tree(tmp_path):
+    ids = stream(2 * 1024)
+    with new_tree(tmp_path / "t") as tree:
+        tree.ingest(ids)
+    ro = MegaContextTree.open(tmp_path / "t", readonly=True)
+    (tmp_path / "t" / "refresh.json").write_text("{}")  # a writer between its journal and the swap
+    with pytest.raises(RuntimeError, match="unfinished gist refresh.*keeps its last snapshot"):
+        ro.reload()
+    assert np.array_equal(ro.tokens(), ids)  # nothing was swapped in: it still reads its snapshot
+    (tmp_path / "t" / "refresh.json").unlink()
+    assert ro.reload() == len(ids)
+    with new_tree(tmp_path / "other") as other:
+        other.ingest(ids[:100])
+    os.replace(tmp_path / "other" / "LOD0.ctx", tmp_path / "t" / "LOD0.ctx")
+    with pytest.raises(RuntimeError, match="LOD0.ctx is another file than the one this tree opened"):
+        ro.reload()
+
+
 def test_ingest_without_a_gister_says_how_to_open(tmp_path):
     new_tree(tmp_path / "t").close()
     with MegaContextTree.open(tmp_path / "t") as tree:
@@ -313,6 +367,64 @@ def test_range_refresh_marks_the_rest_stale(tmp_path):
         tree.refresh(max_gist, "max", 60, 128)
         assert tree.stale_blocks() == [] and not tree.is_stale("max")
         assert_tree_matches(tree, ids, max_gist)
+
+
+def range_refreshed_tree(path):
+    """A tree of 128 blocks gisted by "mean", then blocks [40, 70) registed by "max"; returns the
+    tree.json from before the refresh."""
+    with new_tree(path) as tree:
+        tree.ingest(stream(4 * 1024))
+        before = (path / "tree.json").read_text()
+        tree.refresh(max_gist, "max", 40, 70)
+    return before
+
+
+def test_range_refresh_flags_the_gist_files(tmp_path):
+    range_refreshed_tree(tmp_path / "t")
+    for name in ("LOD1.ctx", "LOD2.ctx"):
+        assert open_ctx(tmp_path / "t" / name, expect_gistnet="max").holds_stale_gists
+    with MegaContextTree.open(tmp_path / "t", expect_gistnet="max", embed_fn=embed, gist_fn=max_gist) as tree:
+        tree.refresh(max_gist, "max", 0, 40)  # still stale blocks: still flagged
+        assert open_ctx(tmp_path / "t" / "LOD1.ctx").holds_stale_gists
+        tree.refresh(max_gist, "max", 70, 128)  # none left: a plain file again
+        assert tree.stale_blocks() == [] and not open_ctx(tmp_path / "t" / "LOD1.ctx").holds_stale_gists
+    with MegaContextTree.open(tmp_path / "t", readonly=True, expect_gistnet="max") as ro:
+        assert not ro.is_stale("max")
+
+
+@pytest.mark.parametrize("loss", ["deleted", "older copy", "stale list emptied"])
+def test_a_lost_stale_record_cannot_make_a_mixed_tree_pass_as_one_gistnets(tmp_path, loss):
+    before = range_refreshed_tree(tmp_path / "t")
+    meta_path = tmp_path / "t" / "tree.json"
+    if loss == "deleted":
+        meta_path.unlink()
+    elif loss == "older copy":  # names "mean", but the files are "max"'s now: the record is void
+        meta_path.write_text(before)
+    else:
+        meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), stale_lod1_blocks=[])))
+    with MegaContextTree.open(tmp_path / "t", expect_gistnet="max", embed_fn=embed, gist_fn=max_gist) as tree:
+        # which blocks are stale is unknown now: every gist the tree held counts as stale
+        assert tree.is_stale("max") and tree.stale_blocks() == [[0, 128]]
+        tree.ingest(stream(40))  # tree.json is written again, with the conservative record
+    assert json.loads(meta_path.read_text())["stale_lod1_blocks"] == [[0, 128]]
+    with pytest.raises(ValueError, match=r"still holds gists of an earlier GistNet in LOD1 blocks \[\[0, 128\]\].*"
+                                         r"not all of them were made by GistNet 'max'"):
+        MegaContextTree.open(tmp_path / "t", readonly=True, expect_gistnet="max")
+    with MegaContextTree.open(tmp_path / "t", readonly=True) as ro:  # without a GistNet to insist on
+        assert ro.is_stale("max")
+    with MegaContextTree.open(tmp_path / "t", expect_gistnet="max", embed_fn=embed, gist_fn=max_gist) as tree:
+        tree.refresh(max_gist, "max")  # the whole tree: the only way out, and a sure one
+        assert not tree.is_stale("max")
+    with MegaContextTree.open(tmp_path / "t", readonly=True, expect_gistnet="max") as ro:
+        assert not ro.is_stale("max") and ro.gistnet_name == "max"
+
+
+def test_a_reader_naming_a_gistnet_refuses_stale_blocks(tmp_path):
+    range_refreshed_tree(tmp_path / "t")  # tree.json intact: the record says [[0, 40], [70, 128]]
+    with pytest.raises(ValueError, match=r"LOD1 blocks \[\[0, 40\], \[70, 128\]\]"):
+        MegaContextTree.open(tmp_path / "t", readonly=True, expect_gistnet="max")
+    with pytest.raises(ValueError, match="not by GistNet 'mean'"):
+        MegaContextTree.open(tmp_path / "t", readonly=True, expect_gistnet="mean")
 
 
 def test_crash_before_the_journal_leaves_the_old_tree(tmp_path):
