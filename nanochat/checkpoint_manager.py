@@ -19,6 +19,9 @@ are removed by the next save.
 Bad input (missing directory, missing step, unreadable file, a checkpoint that does not
 fit the model its metadata describes) raises FileNotFoundError / ValueError / RuntimeError
 with a one-line message that names the path and says what to do about it.
+
+Upstream's functions come first, in upstream's order; our machinery (the manifest, atomic
+writes, the checks behind those errors) is grouped in the two sections at the end.
 """
 import os
 import re
@@ -27,49 +30,268 @@ import time
 import uuid
 import hashlib
 import logging
-
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir, setup_default_logging
+from nanochat.common import get_base_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
+from nanochat.common import setup_default_logging
 
 setup_default_logging()
 logger = logging.getLogger(__name__)
-
-
 def log0(message):
     # logging from every rank of a torchrun job would repeat each line world_size times
     if int(os.environ.get('RANK', 0)) == 0:
         logger.info(message)
-
-# -----------------------------------------------------------------------------
-# Shims for checkpoints written by older versions of the model code
-
 
 def _patch_missing_config_keys(model_config_kwargs):
     """Fill in GPTConfig fields that did not exist when an old checkpoint was saved (in place)."""
     # sliding-window attention came later: older models always attended over the full context
     if "window_pattern" not in model_config_kwargs:
         model_config_kwargs["window_pattern"] = "L"
-        log0("Patching missing window_pattern in model config to 'L'")
-
+        log0(f"Patching missing window_pattern in model config to 'L'")
 
 def _patch_missing_keys(model_data, model_config):
     """Add parameters that old checkpoints lack, set to the value that makes them a no-op (in place)."""
     n_layer = model_config.n_layer
+    # a residual scale of 1 leaves the stream untouched
     if "resid_lambdas" not in model_data:
-        # a residual scale of 1 leaves the stream untouched
         model_data["resid_lambdas"] = torch.ones(n_layer)
-        log0("Patching missing resid_lambdas in model data to 1.0")
+        log0(f"Patching missing resid_lambdas in model data to 1.0")
+    # a weight of 0 on the initial embedding switches the x0 shortcut off
     if "x0_lambdas" not in model_data:
-        # a weight of 0 on the initial embedding switches the x0 shortcut off
         model_data["x0_lambdas"] = torch.zeros(n_layer)
-        log0("Patching missing x0_lambdas in model data to 0.0")
+        log0(f"Patching missing x0_lambdas in model data to 0.0")
+
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, extra_files=None):
+    """
+    Save one step. Rank 0 writes the model and metadata; each rank writes its own optimizer
+    shard (the optimizer state is sharded across ranks) and its extra_files ({file name:
+    object for torch.save}, e.g. loader snapshots; ours). Ours: the step is committed
+    (manifest_{step}.json) only once every file is on disk, the model file last; a save
+    with a NaN/inf in any tensor writes nothing and raises ValueError.
+    """
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    # what this rank writes, in order: {file name: write_fn(f)}
+    own = {}
+    if rank == 0:
+        model_path = _model_path(checkpoint_dir, step)
+        meta_path = _meta_path(checkpoint_dir, step)
+        # json.dumps before any write, so unserializable metadata leaves no trace on disk
+        meta_bytes = json.dumps(meta_data, indent=2).encode("utf-8")
+        own[os.path.basename(meta_path)] = lambda f: f.write(meta_bytes)
+    if optimizer_data is not None:
+        optimizer_path = _optim_path(checkpoint_dir, step, rank)
+        own[os.path.basename(optimizer_path)] = _torch_saver(optimizer_data)
+    for name, obj in (extra_files or {}).items():
+        own[name] = _torch_saver(obj)
+    # ours: refuse to persist a diverged run: a NaN weight saved is a NaN model loaded
+    for what, data in [("model", model_data if rank == 0 else None), ("optimizer state", optimizer_data),
+                       *[(name, obj) for name, obj in (extra_files or {}).items()]]:
+        bad = _first_non_finite(data)
+        if bad is not None:
+            raise ValueError(
+                f"refusing to save step {step} to {checkpoint_dir}: {bad} in the {what} holds NaN or inf; "
+                f"the run has diverged, so resume from an earlier step (e.g. with a lower learning rate)")
+    if rank == 0:
+        remove_stale_temp_files(checkpoint_dir)
+    # ours: uncommit first: from here until the final manifest, readers skip this step. Every
+    # rank writes it (identical bytes, atomic rename) so none overwrites a file of a committed step.
+    pending = json.dumps({"step": step, "committed": False}).encode("utf-8")
+    _write_atomically(manifest_path(checkpoint_dir, step), lambda f: f.write(pending))
+    records = {}
+    for name, write_fn in own.items():
+        if _before_write is not None:
+            _before_write(name)
+        records[name] = _write_atomically(os.path.join(checkpoint_dir, name), write_fn)
+        logger.info(f"Saved {name} to {checkpoint_dir}")
+    records, world_size = _gather_records(records, rank, optimizer_data)
+    if rank != 0:
+        return
+    # the model file last: upstream's readers key on model_*.pt, so they too see it only once
+    # the rest of the step is there
+    if _before_write is not None:
+        _before_write(os.path.basename(model_path))
+    records[os.path.basename(model_path)] = _write_atomically(model_path, _torch_saver(model_data))
+    logger.info(f"Saved model parameters to: {model_path}")
+    # ours: the commit
+    manifest = {"step": step, "committed": True, "world_size": world_size, "files": dict(sorted(records.items()))}
+    manifest_bytes = json.dumps(manifest, indent=2).encode("utf-8")
+    if _before_write is not None:
+        _before_write(os.path.basename(manifest_path(checkpoint_dir, step)))
+    _write_atomically(manifest_path(checkpoint_dir, step), lambda f: f.write(manifest_bytes))
+    log0(f"Committed step {step} in {checkpoint_dir} ({len(records)} files)")
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """Return (model_data, optimizer_data or None, meta_data) for one saved step."""
+    _require_dir(checkpoint_dir, "checkpoint directory")  # ours: one-line errors, checksums
+    manifest = _committed_manifest(checkpoint_dir, step)
+    model_path = _model_path(checkpoint_dir, step)
+    if not os.path.exists(model_path):
+        steps = _usable_steps(checkpoint_dir)
+        available = ", ".join(str(s) for s in steps) if steps else "none"
+        raise FileNotFoundError(
+            f"no checkpoint for step {step} in {checkpoint_dir} (model file {model_path} missing; "
+            f"available steps: {available}); pass one of the available steps or omit the step to use the last")
+    model_data = _torch_load(model_path, device, "model checkpoint",
+                             "pass a step that exists in the checkpoint directory", step, manifest)
+    optimizer_data = None
+    if load_optimizer:
+        optimizer_path = _optim_path(checkpoint_dir, step, rank)
+        if manifest is not None:
+            fix = (f"step {step} was saved by {manifest.get('world_size', 1)} rank(s); resume with that many "
+                   f"processes, or from a step saved with its optimizer state")
+        else:
+            fix = ("it is written at save time by every rank; resume with the same world size "
+                   "from a step saved with its optimizer state")
+        optimizer_data = _torch_load(optimizer_path, device, "optimizer checkpoint", fix, step, manifest)
+    meta_path = _meta_path(checkpoint_dir, step)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(
+            f"metadata file {meta_path} not found (the model file exists without it); "
+            f"restore it or load a different step")
+    _verify(meta_path, step, manifest)
+    try:
+        with open(meta_path, "r", encoding="utf-8") as f:
+            meta_data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"metadata file {meta_path} is not valid JSON ({e}); "
+            f"restore it or delete this step's files and load an earlier step") from e
+    return model_data, optimizer_data, meta_data
+
+
+def build_model(checkpoint_dir, step, device, phase):
+    """
+    Build the model saved at `step` in checkpoint_dir.
+    Returns (model, tokenizer, meta_data): the model is plain (not compiled, not DDP-wrapped)
+    and in train() or eval() mode according to phase.
+    """
+    if phase not in ("train", "eval"):  # ours: ValueErrors where upstream asserts
+        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+    model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False)
+    if device.type in {"cpu", "mps"}:
+        # checkpoints from GPU runs may hold bf16 tensors; CPU/MPS inference wants fp32
+        model_data = {
+            k: v.float() if v.dtype == torch.bfloat16 else v
+            for k, v in model_data.items()
+        }
+    # a torch.compile'd module's state_dict prefixes every key with _orig_mod.
+    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+    if "model_config" not in meta_data:  # ours
+        raise ValueError(f"{_meta_path(checkpoint_dir, step)} has no 'model_config' entry; "
+                         f"it was not written by save_checkpoint, restore the original file")
+    model_config_kwargs = meta_data["model_config"]
+    _patch_missing_config_keys(model_config_kwargs)
+    log0(f"Building model with config: {model_config_kwargs}")
+    try:
+        model_config = GPTConfig(**model_config_kwargs)
+    except TypeError as e:  # ours
+        raise ValueError(f"model_config in {_meta_path(checkpoint_dir, step)} does not match GPTConfig ({e}); "
+                         f"the checkpoint comes from an incompatible version of nanochat") from e
+    _patch_missing_keys(model_data, model_config)
+    with torch.device("meta"):
+        model = GPT(model_config)
+    _check_state_dict_fits(model, model_data, checkpoint_dir, step, model_config)  # ours: one line, not a wall
+    model.to_empty(device=device)
+    # init_weights is mostly overwritten by the load below, but it is also what computes the
+    # rotary cos/sin buffers, which are not part of the state_dict
+    model.init_weights()
+    model.load_state_dict(model_data, strict=True, assign=True)
+    if phase == "eval":
+        model.eval()
+    else:
+        model.train()
+    tokenizer = get_tokenizer()
+    # the model and the tokenizer must agree on the vocabulary
+    if tokenizer.get_vocab_size() != model_config_kwargs["vocab_size"]:
+        raise ValueError(
+            f"tokenizer vocab size {tokenizer.get_vocab_size()} does not match model config vocab size "
+            f"{model_config_kwargs['vocab_size']} ({checkpoint_dir}); use the tokenizer this model was "
+            f"trained with (NANOCHAT_BASE_DIR/tokenizer)")
+    return model, tokenizer, meta_data
+
+
+def find_largest_model(checkpoints_dir):
+    # guess a model tag: the largest d<N> subdirectory, else the most recently modified one
+    _require_dir(checkpoints_dir, "checkpoints directory")  # ours
+    model_tags = [f for f in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, f))]
+    if not model_tags:
+        raise FileNotFoundError(f"No checkpoints found in {checkpoints_dir}; it has no model-tag subdirectories "
+                                f"(e.g. d12), train a model first or pass the right base dir")
+    # 1) tags are normally d<depth>, and the deepest model is the best guess
+    candidates = []
+    for model_tag in model_tags:
+        match = re.match(r"d(\d+)", model_tag)
+        if match:
+            model_depth = int(match.group(1))
+            candidates.append((model_depth, model_tag))
+    if candidates:
+        candidates.sort(key=lambda x: x[0], reverse=True)
+        return candidates[0][1]
+    # 2) custom tags: fall back to whichever was written to most recently
+    model_tags.sort(key=lambda x: os.path.getmtime(os.path.join(checkpoints_dir, x)), reverse=True)
+    return model_tags[0]
+
+
+def find_last_step(checkpoint_dir):
+    # the highest committed step (ours: manifests; for upstream-written steps, the highest
+    # model_<step>.pt); newer steps whose save never finished are skipped, with a log line
+    _require_dir(checkpoint_dir, "checkpoint directory")
+    steps = _list_steps(checkpoint_dir)
+    for step in reversed(steps):
+        status, _ = step_status(checkpoint_dir, step)
+        if status in ("committed", "legacy"):
+            last_step = step
+            return last_step
+        log0(f"Skipping step {step} in {checkpoint_dir}: its save did not finish (no committed "
+             f"{os.path.basename(manifest_path(checkpoint_dir, step))}); looking at earlier steps")
+    if steps:
+        raise FileNotFoundError(f"No committed checkpoint in {checkpoint_dir}: every step's save was interrupted "
+                                f"(steps {', '.join(map(str, steps))}); train again or copy a checkpoint there")
+    raise FileNotFoundError(f"No checkpoints found in {checkpoint_dir} (no model_<step>.pt files); "
+                            f"train or copy a checkpoint there, or pick another model tag")
 
 # -----------------------------------------------------------------------------
-# File names, crash-safe writes and the commit manifest
+# Convenience loaders that know nanochat's directory layout
+
+def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
+    # build_model for <checkpoints_dir>/<model_tag> at `step`, guessing the tag and step when not given
+    if model_tag is None:
+        model_tag = find_largest_model(checkpoints_dir)
+        log0(f"No model tag provided, guessing model tag: {model_tag}")
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    if step is None:
+        step = find_last_step(checkpoint_dir)  # raises when there is none
+    log0(f"Loading model from {checkpoint_dir} with step {step}")
+    model, tokenizer, meta_data = build_model(checkpoint_dir, step, device, phase)
+    return model, tokenizer, meta_data
+
+def load_model(source, *args, **kwargs):
+    # source is the training stage: 'base', 'sft' or 'rl'
+    checkpoints_dir = _checkpoints_dir_for(source)  # ours: upstream's model_dir lookup, with a ValueError
+    return load_model_from_dir(checkpoints_dir, *args, **kwargs)
+
+def load_optimizer_state(source, device, rank, model_tag=None, step=None):
+    """This rank's optimizer shard for a saved step (None if that step was saved without one)."""
+    checkpoints_dir = _checkpoints_dir_for(source)
+    if model_tag is None:
+        model_tag = find_largest_model(checkpoints_dir)
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    if step is None:
+        step = find_last_step(checkpoint_dir)
+    manifest = _committed_manifest(checkpoint_dir, step)  # ours
+    optimizer_path = _optim_path(checkpoint_dir, step, rank)
+    if not os.path.exists(optimizer_path):
+        log0(f"Optimizer checkpoint not found: {optimizer_path}")
+        return None
+    log0(f"Loading optimizer state from {optimizer_path}")
+    optimizer_data = _torch_load(optimizer_path, device, "optimizer checkpoint", "", step, manifest)
+    return optimizer_data
+
+# -----------------------------------------------------------------------------
+# Ours: file names, crash-safe writes and the commit manifest
 #
 # A step is committed by manifest_{step:06d}.json, written last, after every other file
 # of the step is durable on every rank. It records, for each file of the step (model,
@@ -225,63 +447,8 @@ def _torch_saver(obj):
 # play a process killed between two writes)
 _before_write = None
 
-
-def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, extra_files=None):
-    """
-    Save one step. Rank 0 writes the model and metadata; each rank writes its own optimizer
-    shard and its extra_files ({file name: object for torch.save}, e.g. loader snapshots).
-    The step is committed (manifest_{step}.json) only once every file is on disk; a save
-    with a NaN/inf in any tensor writes nothing and raises ValueError.
-    """
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    own = {}
-    if rank == 0:
-        # json.dumps before any write, so unserializable metadata leaves no trace on disk
-        meta_bytes = json.dumps(meta_data, indent=2).encode("utf-8")
-        own[os.path.basename(_meta_path(checkpoint_dir, step))] = lambda f: f.write(meta_bytes)
-    if optimizer_data is not None:
-        own[os.path.basename(_optim_path(checkpoint_dir, step, rank))] = _torch_saver(optimizer_data)
-    for name, obj in (extra_files or {}).items():
-        own[name] = _torch_saver(obj)
-    # refuse to persist a diverged run: a NaN weight saved is a NaN model loaded
-    for what, data in [("model", model_data if rank == 0 else None), ("optimizer state", optimizer_data),
-                       *[(name, obj) for name, obj in (extra_files or {}).items()]]:
-        bad = _first_non_finite(data)
-        if bad is not None:
-            raise ValueError(
-                f"refusing to save step {step} to {checkpoint_dir}: {bad} in the {what} holds NaN or inf; "
-                f"the run has diverged, so resume from an earlier step (e.g. with a lower learning rate)")
-    if rank == 0:
-        remove_stale_temp_files(checkpoint_dir)
-    # uncommit first: from here until the final manifest, readers skip this step. Every rank
-    # writes it (identical bytes, atomic rename) so none overwrites a file of a committed step.
-    pending = json.dumps({"step": step, "committed": False}).encode("utf-8")
-    _write_atomically(manifest_path(checkpoint_dir, step), lambda f: f.write(pending))
-    records = {}
-    for name, write_fn in own.items():
-        if _before_write is not None:
-            _before_write(name)
-        records[name] = _write_atomically(os.path.join(checkpoint_dir, name), write_fn)
-        logger.info(f"Saved {name} to {checkpoint_dir}")
-    records, world_size = _gather_records(records, rank, optimizer_data)
-    if rank != 0:
-        return
-    # the model file last: upstream's readers key on model_*.pt, so they too see it only once
-    # the rest of the step is there
-    model_name = os.path.basename(_model_path(checkpoint_dir, step))
-    if _before_write is not None:
-        _before_write(model_name)
-    records[model_name] = _write_atomically(os.path.join(checkpoint_dir, model_name), _torch_saver(model_data))
-    logger.info(f"Saved model parameters to: {_model_path(checkpoint_dir, step)}")
-    manifest = {"step": step, "committed": True, "world_size": world_size, "files": dict(sorted(records.items()))}
-    manifest_bytes = json.dumps(manifest, indent=2).encode("utf-8")
-    if _before_write is not None:
-        _before_write(os.path.basename(manifest_path(checkpoint_dir, step)))
-    _write_atomically(manifest_path(checkpoint_dir, step), lambda f: f.write(manifest_bytes))
-    log0(f"Committed step {step} in {checkpoint_dir} ({len(records)} files)")
-
 # -----------------------------------------------------------------------------
-# Reading, with errors that say what went wrong and how to fix it
+# Ours: reading committed steps, with errors that say what went wrong and how to fix it
 
 
 def _list_steps(checkpoint_dir):
@@ -425,45 +592,6 @@ def load_checkpoint_file(checkpoint_dir, step, name, device, what="checkpoint fi
     return _torch_load(path, device, what, fix, step, manifest)
 
 
-def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
-    """Return (model_data, optimizer_data or None, meta_data) for one saved step."""
-    _require_dir(checkpoint_dir, "checkpoint directory")
-    manifest = _committed_manifest(checkpoint_dir, step)
-    model_path = _model_path(checkpoint_dir, step)
-    if not os.path.exists(model_path):
-        steps = _usable_steps(checkpoint_dir)
-        available = ", ".join(str(s) for s in steps) if steps else "none"
-        raise FileNotFoundError(
-            f"no checkpoint for step {step} in {checkpoint_dir} (model file {model_path} missing; "
-            f"available steps: {available}); pass one of the available steps or omit the step to use the last")
-    model_data = _torch_load(model_path, device, "model checkpoint",
-                             "pass a step that exists in the checkpoint directory", step, manifest)
-    optimizer_data = None
-    if load_optimizer:
-        if manifest is not None:
-            fix = (f"step {step} was saved by {manifest.get('world_size', 1)} rank(s); resume with that many "
-                   f"processes, or from a step saved with its optimizer state")
-        else:
-            fix = ("it is written at save time by every rank; resume with the same world size "
-                   "from a step saved with its optimizer state")
-        optimizer_data = _torch_load(_optim_path(checkpoint_dir, step, rank), device, "optimizer checkpoint",
-                                     fix, step, manifest)
-    meta_path = _meta_path(checkpoint_dir, step)
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(
-            f"metadata file {meta_path} not found (the model file exists without it); "
-            f"restore it or load a different step")
-    _verify(meta_path, step, manifest)
-    try:
-        with open(meta_path, "r", encoding="utf-8") as f:
-            meta_data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(
-            f"metadata file {meta_path} is not valid JSON ({e}); "
-            f"restore it or delete this step's files and load an earlier step") from e
-    return model_data, optimizer_data, meta_data
-
-
 def _describe_checkpoint_shape(model_data):
     """A short 'depth/width' description of a state_dict, for error messages."""
     layers = {int(m.group(1)) for k in model_data for m in [re.match(r"transformer\.h\.(\d+)\.", k)] if m}
@@ -496,95 +624,6 @@ def _check_state_dict_fits(model, model_data, checkpoint_dir, step, model_config
             f"(d{model_config.n_layer}): {'; '.join(parts)}; {hint}")
 
 
-def build_model(checkpoint_dir, step, device, phase):
-    """
-    Build the model saved at `step` in checkpoint_dir.
-    Returns (model, tokenizer, meta_data): the model is plain (not compiled, not DDP-wrapped)
-    and in train() or eval() mode according to phase.
-    """
-    if phase not in ("train", "eval"):
-        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
-    model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False)
-    if device.type in {"cpu", "mps"}:
-        # checkpoints from GPU runs may hold bf16 tensors; CPU/MPS inference wants fp32
-        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
-    # a torch.compile'd module's state_dict prefixes every key with _orig_mod.
-    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
-    if "model_config" not in meta_data:
-        raise ValueError(f"{_meta_path(checkpoint_dir, step)} has no 'model_config' entry; "
-                         f"it was not written by save_checkpoint, restore the original file")
-    model_config_kwargs = meta_data["model_config"]
-    _patch_missing_config_keys(model_config_kwargs)
-    log0(f"Building model with config: {model_config_kwargs}")
-    try:
-        model_config = GPTConfig(**model_config_kwargs)
-    except TypeError as e:
-        raise ValueError(f"model_config in {_meta_path(checkpoint_dir, step)} does not match GPTConfig ({e}); "
-                         f"the checkpoint comes from an incompatible version of nanochat") from e
-    _patch_missing_keys(model_data, model_config)
-    with torch.device("meta"):
-        model = GPT(model_config)
-    _check_state_dict_fits(model, model_data, checkpoint_dir, step, model_config)
-    model.to_empty(device=device)
-    # init_weights is mostly overwritten by the load below, but it is also what computes the
-    # rotary cos/sin buffers, which are not part of the state_dict
-    model.init_weights()
-    model.load_state_dict(model_data, strict=True, assign=True)
-    if phase == "eval":
-        model.eval()
-    else:
-        model.train()
-    tokenizer = get_tokenizer()
-    if tokenizer.get_vocab_size() != model_config_kwargs["vocab_size"]:
-        raise ValueError(
-            f"tokenizer vocab size {tokenizer.get_vocab_size()} does not match model config vocab size "
-            f"{model_config_kwargs['vocab_size']} ({checkpoint_dir}); use the tokenizer this model was "
-            f"trained with (NANOCHAT_BASE_DIR/tokenizer)")
-    return model, tokenizer, meta_data
-
-
-def find_largest_model(checkpoints_dir):
-    """Guess a model tag: the largest d<N> subdirectory, else the most recently modified one."""
-    _require_dir(checkpoints_dir, "checkpoints directory")
-    model_tags = [f for f in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, f))]
-    if not model_tags:
-        raise FileNotFoundError(f"No checkpoints found in {checkpoints_dir}; it has no model-tag subdirectories "
-                                f"(e.g. d12), train a model first or pass the right base dir")
-    # tags are normally d<depth>, and the deepest model is the best guess
-    by_depth = []
-    for tag in model_tags:
-        m = re.match(r"d(\d+)", tag)
-        if m:
-            by_depth.append((int(m.group(1)), tag))
-    if by_depth:
-        by_depth.sort(key=lambda pair: pair[0], reverse=True)
-        return by_depth[0][1]
-    # custom tags: fall back to whichever was written to most recently
-    model_tags.sort(key=lambda tag: os.path.getmtime(os.path.join(checkpoints_dir, tag)), reverse=True)
-    return model_tags[0]
-
-
-def find_last_step(checkpoint_dir):
-    """The highest committed step in checkpoint_dir (or, for upstream-written steps, the highest
-    model_<step>.pt). Newer steps whose save never finished are skipped, with a log line saying so."""
-    _require_dir(checkpoint_dir, "checkpoint directory")
-    steps = _list_steps(checkpoint_dir)
-    for step in reversed(steps):
-        status, _ = step_status(checkpoint_dir, step)
-        if status in ("committed", "legacy"):
-            return step
-        log0(f"Skipping step {step} in {checkpoint_dir}: its save did not finish (no committed "
-             f"{os.path.basename(manifest_path(checkpoint_dir, step))}); looking at earlier steps")
-    if steps:
-        raise FileNotFoundError(f"No committed checkpoint in {checkpoint_dir}: every step's save was interrupted "
-                                f"(steps {', '.join(map(str, steps))}); train again or copy a checkpoint there")
-    raise FileNotFoundError(f"No checkpoints found in {checkpoint_dir} (no model_<step>.pt files); "
-                            f"train or copy a checkpoint there, or pick another model tag")
-
-
-# -----------------------------------------------------------------------------
-# Convenience loaders that know nanochat's directory layout
-
 # which subdirectory of the base dir each training stage saves into
 _SOURCE_DIRS = {
     "base": "base_checkpoints",
@@ -596,38 +635,7 @@ _SOURCE_DIRS = {
 def _checkpoints_dir_for(source):
     if source not in _SOURCE_DIRS:
         raise ValueError(f"unknown checkpoint source {source!r}; use one of {', '.join(_SOURCE_DIRS)}")
-    return os.path.join(get_base_dir(), _SOURCE_DIRS[source])
-
-
-def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
-    """build_model for <checkpoints_dir>/<model_tag> at `step`, guessing the tag and step when not given."""
-    if model_tag is None:
-        model_tag = find_largest_model(checkpoints_dir)
-        log0(f"No model tag provided, guessing model tag: {model_tag}")
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-    if step is None:
-        step = find_last_step(checkpoint_dir)
-    log0(f"Loading model from {checkpoint_dir} with step {step}")
-    return build_model(checkpoint_dir, step, device, phase)
-
-
-def load_model(source, *args, **kwargs):
-    """load_model_from_dir for a training stage: source is 'base', 'sft' or 'rl'."""
-    return load_model_from_dir(_checkpoints_dir_for(source), *args, **kwargs)
-
-
-def load_optimizer_state(source, device, rank, model_tag=None, step=None):
-    """This rank's optimizer shard for a saved step (None if that step was saved without one)."""
-    checkpoints_dir = _checkpoints_dir_for(source)
-    if model_tag is None:
-        model_tag = find_largest_model(checkpoints_dir)
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-    if step is None:
-        step = find_last_step(checkpoint_dir)
-    manifest = _committed_manifest(checkpoint_dir, step)
-    optimizer_path = _optim_path(checkpoint_dir, step, rank)
-    if not os.path.exists(optimizer_path):
-        log0(f"Optimizer checkpoint not found: {optimizer_path}")
-        return None
-    log0(f"Loading optimizer state from {optimizer_path}")
-    return _torch_load(optimizer_path, device, "optimizer checkpoint", "", step, manifest)
+    model_dir = _SOURCE_DIRS[source]
+    base_dir = get_base_dir()
+    checkpoints_dir = os.path.join(base_dir, model_dir)
+    return checkpoints_dir

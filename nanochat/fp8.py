@@ -38,10 +38,15 @@ def _to_fp8(x, fp8_dtype):
     fp8_max = torch.finfo(fp8_dtype).max
     amax = x.float().abs().max()
     # divide in float64: otherwise compiled and eager code can round the scale differently
-    scale = (fp8_max / amax.double().clamp(min=EPS)).float()
+    scale = fp8_max / amax.double().clamp(min=EPS)
+    scale = scale.float()
     # clamp before the cast: a plain cast to fp8 does not saturate
-    x_fp8 = (x.float() * scale).clamp(-fp8_max, fp8_max).to(fp8_dtype)
-    return x_fp8, scale.reciprocal()
+    x_scaled = x.float() * scale
+    x_clamped = x_scaled.clamp(-fp8_max, fp8_max)
+    x_fp8 = x_clamped.to(fp8_dtype)
+    # _scaled_mm multiplies by the inverse scale to bring the product back to the real range
+    inv_scale = scale.reciprocal()
+    return x_fp8, inv_scale
 
 
 def _to_col_major(x):
@@ -49,44 +54,58 @@ def _to_col_major(x):
     return x.t().contiguous().t()
 
 
+# torch.compile sees one opaque node here (see the module docstring for the trade-off)
 @torch._dynamo.allow_in_graph
 class _Float8Matmul(torch.autograd.Function):
     """x @ W.T with all three GEMMs of forward and backward in fp8."""
 
     @staticmethod
     def forward(ctx, input_2d, weight):
-        x_fp8, x_inv = _to_fp8(input_2d, torch.float8_e4m3fn)
-        w_fp8, w_inv = _to_fp8(weight, torch.float8_e4m3fn)
-        ctx.save_for_backward(x_fp8, x_inv, w_fp8, w_inv)
-        # x_fp8 (M, K) is row-major; w_fp8.t() (K, N) is column-major for free
-        return torch._scaled_mm(
-            x_fp8, w_fp8.t(),
-            scale_a=x_inv, scale_b=w_inv,
+        input_fp8, input_inv = _to_fp8(input_2d, torch.float8_e4m3fn)
+        weight_fp8, weight_inv = _to_fp8(weight, torch.float8_e4m3fn)
+        ctx.save_for_backward(input_fp8, input_inv, weight_fp8, weight_inv)
+
+        # input_fp8 (M, K) is row-major; weight_fp8.t() (K, N) is column-major for free
+        output = torch._scaled_mm(
+            input_fp8,
+            weight_fp8.t(),
+            scale_a=input_inv,
+            scale_b=weight_inv,
             out_dtype=input_2d.dtype,
             # faster low-precision accumulation is fine for the forward pass; the
             # backward GEMMs below accumulate precisely
             use_fast_accum=True,
         )
+        return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        x_fp8, x_inv, w_fp8, w_inv = ctx.saved_tensors
-        g_fp8, g_inv = _to_fp8(grad_output, torch.float8_e5m2)
+        in_fp8, in_inv, w_fp8, w_inv = ctx.saved_tensors
 
-        # grad_x (M, K) = gO (M, N) @ W (N, K); W must be made column-major
+        # grad_input (M, K) = gO (M, N) @ W (N, K); gradients in e5m2, W made column-major
+        go_fp8, go_inv = _to_fp8(grad_output, torch.float8_e5m2)
+        w_col = _to_col_major(w_fp8)
         grad_input = torch._scaled_mm(
-            g_fp8, _to_col_major(w_fp8),
-            scale_a=g_inv, scale_b=w_inv,
+            go_fp8,
+            w_col,
+            scale_a=go_inv,
+            scale_b=w_inv,
             out_dtype=grad_output.dtype,
             use_fast_accum=False,
         )
-        # grad_W (N, K) = gO.T (N, M) @ x (M, K); gO.T must be made row-major, x column-major
+
+        # grad_weight (N, K) = gO.T (N, M) @ x (M, K); gO.T made row-major, x column-major
+        go_T = go_fp8.t().contiguous()
+        in_col = _to_col_major(in_fp8)
         grad_weight = torch._scaled_mm(
-            g_fp8.t().contiguous(), _to_col_major(x_fp8),
-            scale_a=g_inv, scale_b=x_inv,
+            go_T,
+            in_col,
+            scale_a=go_inv,
+            scale_b=in_inv,
             out_dtype=grad_output.dtype,
             use_fast_accum=False,
         )
+
         return grad_input, grad_weight
 
 
@@ -97,12 +116,14 @@ class Float8Linear(nn.Linear):
     def forward(self, input):
         # _scaled_mm needs a reduced-precision input, and there is no autocast to provide it
         input = input.to(COMPUTE_DTYPE)
-        lead_shape = input.shape[:-1]
-        out = _Float8Matmul.apply(input.reshape(-1, input.shape[-1]), self.weight)
-        out = out.reshape(*lead_shape, out.shape[-1])
+        # _scaled_mm is 2D only: fold the leading dims
+        orig_shape = input.shape
+        input_2d = input.reshape(-1, orig_shape[-1])
+        output = _Float8Matmul.apply(input_2d, self.weight)
+        output = output.reshape(*orig_shape[:-1], output.shape[-1])
         if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out
+            output = output + self.bias.to(output.dtype)
+        return output
 
     @classmethod
     def from_float(cls, mod):
@@ -137,13 +158,13 @@ def convert_to_float8_training(module, *, config=None, module_filter_fn=None):
     module_filter_fn(linear, fqn) -> bool: convert only where it returns True, e.g. to
         skip layers whose dims are not multiples of 16 (an fp8 GEMM requirement).
     """
-    def visit(parent, prefix):
-        for name, child in parent.named_children():
+    def _convert(mod, prefix=""):
+        for name, child in mod.named_children():
             fqn = f"{prefix}.{name}" if prefix else name
-            visit(child, fqn)
+            _convert(child, fqn)
             if isinstance(child, nn.Linear) and not isinstance(child, Float8Linear):
                 if module_filter_fn is None or module_filter_fn(child, fqn):
-                    setattr(parent, name, Float8Linear.from_float(child))
+                    setattr(mod, name, Float8Linear.from_float(child))
 
-    visit(module, "")
+    _convert(module)
     return module

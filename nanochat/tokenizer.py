@@ -9,13 +9,15 @@ token ids plus a loss mask (which tokens the assistant is trained to produce).
 Special tokens are only ever produced on purpose (encode_special, prepend/append, the
 conversation renderer). Ordinary text is always encoded with encode_ordinary, so a user
 typing "<|bos|>" gets plain text tokens and can never forge a control token.
+
+Ours beside upstream's (same order, names and results): bad input is one ValueError /
+FileNotFoundError / RuntimeError line naming the fix instead of an assert or a bare
+traceback (each marked `# ours:` below).
 """
 
 import os
-import pickle
-
-import rustbpe
-import tiktoken
+import copy
+from functools import lru_cache
 
 SPECIAL_TOKENS = [
     # BOS opens every document; the data loader packs documents on BOS boundaries
@@ -38,35 +40,38 @@ SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| 
 
 # -----------------------------------------------------------------------------
 # Tokenizer: rustbpe for training, tiktoken for everything else
-
+import pickle
+import rustbpe
+import tiktoken
 
 class RustBPETokenizer:
     """A thin wrapper around a tiktoken.Encoding; trained with rustbpe."""
 
     def __init__(self, enc, bos_token):
         self.enc = enc
-        self._special_cache = {}  # name -> id; encode_special is called in hot loops
         self.bos_token_id = self.encode_special(bos_token)
 
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size):
-        """Train a BPE on an iterator of strings. vocab_size counts the special tokens,
-        which are not learned: they take the last len(SPECIAL_TOKENS) ids."""
-        num_learned = vocab_size - len(SPECIAL_TOKENS)
-        if num_learned < 256:
+        # 1) learn the merges in Rust
+        tokenizer = rustbpe.Tokenizer()
+        # vocab_size counts the special tokens, which are not learned: they take the last ids
+        vocab_size_no_special = vocab_size - len(SPECIAL_TOKENS)
+        if vocab_size_no_special < 256:  # ours: a ValueError naming the smallest vocab_size
             raise ValueError(f"vocab_size={vocab_size} is too small: it must be at least "
                              f"{256 + len(SPECIAL_TOKENS)} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
-        trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(text_iterator, num_learned, pattern=SPLIT_PATTERN)
-        # rustbpe hands back (token bytes as a list of ints, rank) pairs; tiktoken wants bytes keys
-        mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
-        first_special = len(mergeable_ranks)
-        special_tokens = {name: first_special + i for i, name in enumerate(SPECIAL_TOKENS)}
+        tokenizer.train_from_iterator(text_iterator, vocab_size_no_special, pattern=SPLIT_PATTERN)
+        # 2) wrap them in a tiktoken encoding; rustbpe hands back (list of byte values, rank) pairs
+        pattern = tokenizer.get_pattern()
+        mergeable_ranks_list = tokenizer.get_mergeable_ranks()
+        mergeable_ranks = {bytes(k): v for k, v in mergeable_ranks_list}
+        tokens_offset = len(mergeable_ranks)
+        special_tokens = {name: tokens_offset + i for i, name in enumerate(SPECIAL_TOKENS)}
         enc = tiktoken.Encoding(
             name="rustbpe",
-            pat_str=trainer.get_pattern(),
-            mergeable_ranks=mergeable_ranks,
-            special_tokens=special_tokens,
+            pat_str=pattern,
+            mergeable_ranks=mergeable_ranks,  # token bytes -> rank (lower merges first)
+            special_tokens=special_tokens,  # special token name -> id
         )
         return cls(enc, "<|bos|>")
 
@@ -74,7 +79,7 @@ class RustBPETokenizer:
     def from_directory(cls, tokenizer_dir):
         """Load the tokenizer that save() (i.e. scripts/tok_train.py) wrote to tokenizer_dir."""
         pickle_path = os.path.join(tokenizer_dir, "tokenizer.pkl")
-        if not os.path.exists(pickle_path):
+        if not os.path.exists(pickle_path):  # ours: name the command that writes it
             raise FileNotFoundError(f"No tokenizer found at {pickle_path}; "
                                     f"train one first with `python -m scripts.tok_train`")
         with open(pickle_path, "rb") as f:
@@ -83,11 +88,11 @@ class RustBPETokenizer:
 
     @classmethod
     def from_pretrained(cls, tiktoken_name):
-        """Wrap one of tiktoken's published encodings ("gpt2", "cl100k_base", ...).
-        tiktoken downloads these on first use and caches them (TIKTOKEN_CACHE_DIR)."""
+        # one of tiktoken's published encodings ("gpt2", "cl100k_base", ...); tiktoken
+        # downloads it on first use and caches it (TIKTOKEN_CACHE_DIR)
         try:
             enc = tiktoken.get_encoding(tiktoken_name)
-        except OSError as e:  # requests' ConnectionError and friends are OSErrors
+        except OSError as e:  # ours: requests' ConnectionError and friends are OSErrors
             raise RuntimeError(f"could not load tiktoken encoding {tiktoken_name!r}: downloading it failed "
                                f"({type(e).__name__}); tiktoken needs network access on first use, "
                                f"or a pre-filled TIKTOKEN_CACHE_DIR") from e
@@ -104,40 +109,40 @@ class RustBPETokenizer:
     def id_to_token(self, id):
         return self.enc.decode([id])
 
+    @lru_cache(maxsize=32)  # called in hot loops (the renderer, the engine's stop tokens)
     def encode_special(self, text):
-        """Id of a single token given its exact text, typically a special token name."""
-        token_id = self._special_cache.get(text)
-        if token_id is None:
-            token_id = self.enc.encode_single_token(text)
-            self._special_cache[text] = token_id
-        return token_id
+        return self.enc.encode_single_token(text)
 
     def get_bos_token_id(self):
         return self.bos_token_id
 
-    def _as_id(self, token):
-        # prepend/append may be given as a token id or as a special token's name
-        return token if isinstance(token, int) else self.encode_special(token)
-
     def encode(self, text, prepend=None, append=None, num_threads=8):
-        """Encode a string (-> list of ids) or a list of strings (-> list of lists of ids),
-        optionally with a token (id or special name) prepended and/or appended to each."""
-        prepend_id = None if prepend is None else self._as_id(prepend)
-        append_id = None if append is None else self._as_id(append)
+        # a str gives a list of ids, a list of str a list of such lists;
+        # prepend/append may be a token id or a special token's name
 
-        def wrap(row):
-            if prepend_id is not None:
-                row.insert(0, prepend_id)
-            if append_id is not None:
-                row.append(append_id)
-            return row
+        if prepend is not None:
+            prepend_id = prepend if isinstance(prepend, int) else self.encode_special(prepend)
+        if append is not None:
+            append_id = append if isinstance(append, int) else self.encode_special(append)
 
         if isinstance(text, str):
-            return wrap(self.enc.encode_ordinary(text))
-        if isinstance(text, list):
-            rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
-            return [wrap(row) for row in rows]
-        raise ValueError(f"Invalid input type: {type(text)} (expected a str or a list of str)")
+            ids = self.enc.encode_ordinary(text)
+            if prepend is not None:
+                ids.insert(0, prepend_id)
+            if append is not None:
+                ids.append(append_id)
+        elif isinstance(text, list):
+            ids = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+            if prepend is not None:
+                for ids_row in ids:
+                    ids_row.insert(0, prepend_id)
+            if append is not None:
+                for ids_row in ids:
+                    ids_row.append(append_id)
+        else:
+            raise ValueError(f"Invalid input type: {type(text)} (expected a str or a list of str)")
+
+        return ids
 
     def __call__(self, *args, **kwargs):
         return self.encode(*args, **kwargs)
@@ -149,7 +154,7 @@ class RustBPETokenizer:
         return self.enc.decode_single_token_bytes(token_id)
 
     def save(self, tokenizer_dir):
-        """Write tokenizer.pkl (the pickled tiktoken.Encoding) into tokenizer_dir."""
+        # tokenizer.pkl is the pickled tiktoken.Encoding, nothing more
         os.makedirs(tokenizer_dir, exist_ok=True)
         pickle_path = os.path.join(tokenizer_dir, "tokenizer.pkl")
         with open(pickle_path, "wb") as f:
@@ -164,17 +169,27 @@ class RustBPETokenizer:
         python interpreter says has mask 0. The result is cut to max_tokens.
         The conversation passed in is never modified.
         """
-        messages = conversation["messages"]
-        if len(messages) == 0:
+        # the two lists we return, and the one way tokens get into them
+        ids, mask = [], []
+        def add_tokens(token_ids, mask_val):
+            if isinstance(token_ids, int):
+                token_ids = [token_ids]
+            ids.extend(token_ids)
+            mask.extend([mask_val] * len(token_ids))
+
+        if len(conversation["messages"]) == 0:  # ours: a ValueError before anything indexes [0]
             raise ValueError("Conversation has no messages")
         # There is no system role in our chat format: a leading system message is folded
-        # into the first user message. Build new objects so the caller's dicts stay intact.
-        if messages[0]["role"] == "system":
-            if len(messages) < 2 or messages[1]["role"] != "user":
+        # into the first user message, on a copy so the caller's dicts stay intact.
+        if conversation["messages"][0]["role"] == "system":
+            conversation = copy.deepcopy(conversation)
+            messages = conversation["messages"]
+            if len(messages) < 2 or messages[1]["role"] != "user":  # ours: ValueError, not assert/IndexError
                 raise ValueError("A system message must be followed by a user message")
-            merged_user = dict(messages[1])
-            merged_user["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
-            messages = [merged_user] + list(messages[2:])
+            messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
+            messages = messages[1:]
+        else:
+            messages = conversation["messages"]
 
         bos = self.get_bos_token_id()
         user_start, user_end = self.encode_special("<|user_start|>"), self.encode_special("<|user_end|>")
@@ -182,68 +197,70 @@ class RustBPETokenizer:
         python_start, python_end = self.encode_special("<|python_start|>"), self.encode_special("<|python_end|>")
         output_start, output_end = self.encode_special("<|output_start|>"), self.encode_special("<|output_end|>")
 
-        ids, mask = [], []
-
-        def emit(token_ids, supervised):
-            if isinstance(token_ids, int):
-                token_ids = [token_ids]
-            ids.extend(token_ids)
-            mask.extend([supervised] * len(token_ids))
-
-        emit(bos, 0)
+        add_tokens(bos, 0)
         for i, message in enumerate(messages):
+
             # turns strictly alternate user, assistant, user, ... which catches malformed data early
-            expected_role = "user" if i % 2 == 0 else "assistant"
-            if message["role"] != expected_role:
-                raise ValueError(f"Message {i} is from {message['role']} but should be from {expected_role}")
+            must_be_from = "user" if i % 2 == 0 else "assistant"
+            if message["role"] != must_be_from:  # ours: ValueError, not assert
+                raise ValueError(f"Message {i} is from {message['role']} but should be from {must_be_from}")
+
+            # a str, or (assistant only) a list of text / python / python_output parts
             content = message["content"]
 
-            if expected_role == "user":
-                if not isinstance(content, str):
+            if message["role"] == "user":
+                if not isinstance(content, str):  # ours: ValueError, not assert
                     raise ValueError(f"User messages must be strings, got {type(content).__name__} in message {i}")
-                emit(user_start, 0)
-                emit(self.encode(content), 0)
-                emit(user_end, 0)
-                continue
-
-            emit(assistant_start, 0)
-            if isinstance(content, str):
-                emit(self.encode(content), 1)
-            elif isinstance(content, list):
-                for part in content:
-                    part_ids = self.encode(part["text"])
-                    if part["type"] == "text":
-                        emit(part_ids, 1)
-                    elif part["type"] == "python":
-                        # the tool call is the assistant's own output: supervised, delimiters included
-                        emit(python_start, 1)
-                        emit(part_ids, 1)
-                        emit(python_end, 1)
-                    elif part["type"] == "python_output":
-                        # at inference time the interpreter writes these tokens, so never train on them
-                        emit(output_start, 0)
-                        emit(part_ids, 0)
-                        emit(output_end, 0)
-                    else:
-                        raise ValueError(f"Unknown part type: {part['type']}")
-            else:
-                raise ValueError(f"Unknown content type: {type(content)}")
-            emit(assistant_end, 1)
+                value_ids = self.encode(content)
+                add_tokens(user_start, 0)
+                add_tokens(value_ids, 0)
+                add_tokens(user_end, 0)
+            elif message["role"] == "assistant":
+                add_tokens(assistant_start, 0)
+                if isinstance(content, str):
+                    value_ids = self.encode(content)
+                    add_tokens(value_ids, 1)
+                elif isinstance(content, list):
+                    for part in content:
+                        value_ids = self.encode(part["text"])
+                        if part["type"] == "text":
+                            add_tokens(value_ids, 1)
+                        elif part["type"] == "python":
+                            # the tool call is the assistant's own output: supervised, delimiters included
+                            add_tokens(python_start, 1)
+                            add_tokens(value_ids, 1)
+                            add_tokens(python_end, 1)
+                        elif part["type"] == "python_output":
+                            # at inference time the interpreter writes these tokens, so never train on them
+                            add_tokens(output_start, 0)
+                            add_tokens(value_ids, 0)
+                            add_tokens(output_end, 0)
+                        else:
+                            raise ValueError(f"Unknown part type: {part['type']}")
+                else:
+                    raise ValueError(f"Unknown content type: {type(content)}")
+                add_tokens(assistant_end, 1)
 
         # a hard cap on length keeps one long conversation from blowing up memory
-        return ids[:max_tokens], mask[:max_tokens]
+        ids = ids[:max_tokens]
+        mask = mask[:max_tokens]
+        return ids, mask
 
     def visualize_tokenization(self, ids, mask, with_token_id=False):
         """Debug view of a rendered conversation: supervised tokens green, the rest red,
         separated by '|', optionally each followed by its id in gray."""
-        red, green, gray, reset = '\033[91m', '\033[92m', '\033[90m', '\033[0m'
-        pieces = []
-        for token_id, supervised in zip(ids, mask):
-            color = green if supervised == 1 else red
-            pieces.append(f"{color}{self.decode([token_id])}{reset}")
+        RED = '\033[91m'
+        GREEN = '\033[92m'
+        RESET = '\033[0m'
+        GRAY = '\033[90m'
+        tokens = []
+        for i, (token_id, mask_val) in enumerate(zip(ids, mask)):
+            token_str = self.decode([token_id])
+            color = GREEN if mask_val == 1 else RED
+            tokens.append(f"{color}{token_str}{RESET}")
             if with_token_id:
-                pieces.append(f"{gray}({token_id}){reset}")
-        return '|'.join(pieces)
+                tokens.append(f"{GRAY}({token_id}){RESET}")
+        return '|'.join(tokens)
 
     def render_for_completion(self, conversation):
         """
@@ -251,32 +268,38 @@ class RustBPETokenizer:
         conversation minus its final assistant message, followed by <|assistant_start|>.
         No mask is returned. The conversation passed in is never modified.
         """
+        # drop the final assistant message, on a copy
+        conversation = copy.deepcopy(conversation)
         messages = conversation["messages"]
-        if len(messages) == 0 or messages[-1]["role"] != "assistant":
+        if len(messages) == 0 or messages[-1]["role"] != "assistant":  # ours: ValueError, not assert
             raise ValueError("Last message must be from the Assistant")
-        prompt = dict(conversation)
-        prompt["messages"] = list(messages[:-1])
-        ids, _ = self.render_conversation(prompt)
-        ids.append(self.encode_special("<|assistant_start|>"))
+        messages.pop()
+
+        ids, mask = self.render_conversation(conversation)
+
+        # the model continues from <|assistant_start|>
+        assistant_start = self.encode_special("<|assistant_start|>")
+        ids.append(assistant_start)
         return ids
 
 # -----------------------------------------------------------------------------
 # nanochat-specific conveniences: the tokenizer lives in <base_dir>/tokenizer
 
-
 def get_tokenizer():
     from nanochat.common import get_base_dir
-    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+    base_dir = get_base_dir()
+    tokenizer_dir = os.path.join(base_dir, "tokenizer")
     return RustBPETokenizer.from_directory(tokenizer_dir)
 
-
 def get_token_bytes(device="cpu"):
-    """(vocab_size,) int32 tensor: how many bytes of text each token stands for, 0 for
-    special tokens. Lets us report loss in bits per byte, comparable across vocab sizes."""
+    # (vocab_size,) int32: how many bytes of text each token stands for, 0 for special
+    # tokens; lets us report loss in bits per byte, comparable across vocab sizes
     import torch
     from nanochat.common import get_base_dir
-    token_bytes_path = os.path.join(get_base_dir(), "tokenizer", "token_bytes.pt")
-    if not os.path.exists(token_bytes_path):
+    base_dir = get_base_dir()
+    tokenizer_dir = os.path.join(base_dir, "tokenizer")
+    token_bytes_path = os.path.join(tokenizer_dir, "token_bytes.pt")
+    if not os.path.exists(token_bytes_path):  # ours: FileNotFoundError naming the command, not assert
         raise FileNotFoundError(f"Token bytes not found at {token_bytes_path}; "
                                 f"they are written by `python -m scripts.tok_train`")
     with open(token_bytes_path, "rb") as f:

@@ -21,6 +21,10 @@ Task data is downloaded from the HuggingFace hub on first use; with
 NANOCHAT_TASK_FIXTURES=tasks/fixtures it is read from the small local fixture files instead.
 Besides printing, rank 0 writes the numbers to <base_dir>/chat_eval/<source>_<tag>_<step>.json
 (an addition of ours, read by scripts/report_card.py).
+
+Ours beside upstream's: a CLI in main(argv) (tests call it) with one-line errors for a
+task typo, a missing checkpoint or task data; the results file above; and a ValueError
+when there is nothing to evaluate. The upstream-shaped functions come first.
 """
 
 import os
@@ -28,7 +32,6 @@ import sys
 import json
 import argparse
 from functools import partial
-
 import torch
 import torch.distributed as dist
 
@@ -40,6 +43,155 @@ from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
+
+# -----------------------------------------------------------------------------
+# Generative evaluation: one problem at a time, sample, grade
+
+def run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k, max_problems=None):
+    """
+    Fraction of problems where at least one of num_samples sampled completions is graded
+    correct (pass@num_samples). Under torchrun, rank r takes problems r, r+W, r+2W, ...
+    """
+    ddp, ddp_rank, ddp_local_rank, ddp_world_size = get_dist_info()
+    device = model.get_device()
+
+    num_problems = len(task_object) if max_problems is None else min(len(task_object), max_problems)
+
+    num_passed, total = 0, 0
+    for i in range(ddp_rank, num_problems, ddp_world_size):
+        conversation = task_object[i]
+
+        encoded_prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(
+            encoded_prompt,
+            num_samples=num_samples,
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+        )
+        # each sequence starts with the prompt; only what follows it is the model's answer
+        prefix_length = len(encoded_prompt)
+        completions = [tokenizer.decode(result_tokens[prefix_length:]) for result_tokens in results]
+        outcomes = [task_object.evaluate(conversation, completion) for completion in completions]
+        passed = any(outcomes)
+
+        total += 1
+        num_passed += int(passed)
+
+        # a progress counter that rewrites its own console line
+        print(f"\r\033[KRank {ddp_rank} | {num_passed}/{total} ({100*num_passed/total:.2f}%)", end='', flush=True)
+
+    # end the progress line
+    print()
+
+    # every rank graded its own share of problems: add the counts up
+    if ddp:
+        num_passed_tensor = torch.tensor([num_passed], dtype=torch.long, device=device)
+        total_tensor = torch.tensor([total], dtype=torch.long, device=device)
+        dist.all_reduce(num_passed_tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total_tensor, op=dist.ReduceOp.SUM)
+        num_passed = num_passed_tensor.item()
+        total = total_tensor.item()
+
+    if total == 0:  # ours: a ValueError instead of a ZeroDivisionError
+        raise ValueError(f"{type(task_object).__name__} has no problems to evaluate "
+                         f"(max_problems={max_problems}); pass a positive -x/--max-problems")
+    print0("=" * 50)
+    print0(f"Final: {num_passed}/{total} ({100*num_passed/total:.2f}%)")
+
+    return num_passed/total
+
+# -----------------------------------------------------------------------------
+# Categorical evaluation: no sampling needed, so whole batches of problems go through
+# one forward pass and we read off the logits of the allowed answer letters.
+
+def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems=None):
+    """
+    Fraction of multiple-choice problems where, among the problem's own letters, the
+    model gives the highest logit to the correct one. The logits are read at the last
+    prompt token (<|assistant_start|>), i.e. the prediction of the assistant's first token.
+    """
+    ddp, ddp_rank, ddp_local_rank, ddp_world_size = get_dist_info()
+    device = model.get_device()
+    # prompts differ in length; BOS fills the gap on the right, and since we only read
+    # logits at each prompt's own last position, whatever sits after it cannot matter
+    bos = tokenizer.get_bos_token_id()
+
+    num_problems = len(task_object) if max_problems is None else min(len(task_object), max_problems)
+    ceil_div = lambda x, y: -(-x // y)
+    num_batches = ceil_div(num_problems, batch_size)
+
+    letter_to_id_cache = {} # the same few letters come up over and over
+    num_passed, total = 0, 0
+    for i in range(ddp_rank, num_batches, ddp_world_size):
+        i0, i1 = i * batch_size, min((i + 1) * batch_size, num_problems)
+
+        conversations = [task_object[ii] for ii in range(i0, i1)]
+        prompt_ids = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+        max_length = max(len(ids) for ids in prompt_ids)
+        answer_time_positions = [len(ids) - 1 for ids in prompt_ids] # each prompt's last token predicts the answer
+        padded_prompt_ids = [ids + [bos] * (max_length - len(ids)) for ids in prompt_ids]
+        prompt_ids = torch.tensor(padded_prompt_ids, dtype=torch.long, device=device)
+
+        with torch.no_grad():
+            logits = model(prompt_ids) # (B, T, V)
+
+        # restricting the argmax to the allowed letters makes the task much easier than
+        # free generation, which is the usual convention for multiple-choice evals
+        for idx, conversation in enumerate(conversations):
+            letters = conversation['letters']
+            letter_ids = []
+            for letter in letters:
+                if not letter in letter_to_id_cache:
+                    encoded_letter = tokenizer.encode(letter)
+                    if len(encoded_letter) != 1:  # ours: a ValueError naming the letter, not an assert
+                        raise ValueError(f"answer letter {letter!r} encodes to {len(encoded_letter)} tokens, "
+                                         f"but categorical evaluation needs each letter to be one token")
+                    letter_to_id_cache[letter] = encoded_letter[0]
+                letter_ids.append(letter_to_id_cache[letter])
+            answer_pos = answer_time_positions[idx]
+            focus_logits = logits[idx, answer_pos, letter_ids]
+            argmax_letter_id = focus_logits.argmax(dim=-1).item()
+            predicted_letter = letters[argmax_letter_id]
+            outcome = task_object.evaluate(conversation, predicted_letter)
+            num_passed += int(outcome)
+            total += 1
+
+    if ddp:
+        num_passed_tensor = torch.tensor([num_passed], dtype=torch.long, device=device)
+        total_tensor = torch.tensor([total], dtype=torch.long, device=device)
+        dist.all_reduce(num_passed_tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total_tensor, op=dist.ReduceOp.SUM)
+        num_passed = num_passed_tensor.item()
+        total = total_tensor.item()
+
+    if total == 0:  # ours
+        raise ValueError(f"{type(task_object).__name__} has no problems to evaluate "
+                         f"(max_problems={max_problems}); pass a positive -x/--max-problems")
+    average = num_passed/total
+    print0(f"Final: {num_passed}/{total} ({100*average:.2f}%)")
+    return average
+
+# -----------------------------------------------------------------------------
+
+def run_chat_eval(task_name, model, tokenizer, engine,
+                   batch_size=1, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                   max_problems=None):
+    """Accuracy of the model on one ChatCORE task (a name from ALL_TASKS)."""
+    check_task_names([task_name])  # ours: a ValueError naming the choices, not a KeyError
+    task_module = TASK_BUILDERS[task_name]
+    task_object = task_module()
+    if task_object.eval_type == 'generative':
+        acc = run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k, max_problems=max_problems)
+    elif task_object.eval_type == 'categorical':
+        acc = run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems=max_problems)
+    else:
+        raise ValueError(f"Unsupported task evaluation type: {task_object.eval_type}")
+    return acc
+
+# -----------------------------------------------------------------------------
+# Ours: the task table at module level (chat_sft evaluates with it too), the checks that
+# run before a model is loaded, and the CLI as a function
 
 # the five ChatCORE tasks, in the order they are run by default
 ALL_TASKS = ['ARC-Easy', 'ARC-Challenge', 'MMLU', 'GSM8K', 'HumanEval']
@@ -71,132 +223,8 @@ def check_task_names(task_names):
 
 def centered_accuracy(task_name, accuracy):
     """Map a task's random-guess accuracy to 0 and a perfect score to 1."""
-    baseline = BASELINE_ACCURACIES[task_name]
-    return (accuracy - baseline) / (1.0 - baseline)
-
-
-def _sum_over_ranks(num_passed, total, device):
-    """Every rank graded its own share of problems; add the counts up (a no-op without torchrun)."""
-    ddp, _, _, _ = get_dist_info()
-    if not ddp:
-        return num_passed, total
-    counts = torch.tensor([num_passed, total], dtype=torch.long, device=device)
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    return counts[0].item(), counts[1].item()
-
-# -----------------------------------------------------------------------------
-# Generative evaluation: one problem at a time, sample, grade
-
-
-def run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k, max_problems=None):
-    """
-    Fraction of problems where at least one of num_samples sampled completions is graded
-    correct (pass@num_samples). Under torchrun, rank r takes problems r, r+W, r+2W, ...
-    """
-    ddp, ddp_rank, ddp_local_rank, ddp_world_size = get_dist_info()
-    device = model.get_device()
-    num_problems = len(task_object) if max_problems is None else min(len(task_object), max_problems)
-
-    num_passed, total = 0, 0
-    for i in range(ddp_rank, num_problems, ddp_world_size):
-        conversation = task_object[i]
-        prompt_ids = tokenizer.render_for_completion(conversation)
-        sequences, _ = engine.generate_batch(
-            prompt_ids,
-            num_samples=num_samples,
-            max_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-        )
-        # each sequence starts with the prompt; only what follows it is the model's answer
-        prefix_length = len(prompt_ids)
-        completions = [tokenizer.decode(seq[prefix_length:]) for seq in sequences]
-        passed = any(task_object.evaluate(conversation, completion) for completion in completions)
-        total += 1
-        num_passed += int(passed)
-        # a progress counter that rewrites its own console line
-        print(f"\r\033[KRank {ddp_rank} | {num_passed}/{total} ({100*num_passed/total:.2f}%)", end='', flush=True)
-    print()  # end the progress line
-
-    num_passed, total = _sum_over_ranks(num_passed, total, device)
-    if total == 0:
-        raise ValueError(f"{type(task_object).__name__} has no problems to evaluate "
-                         f"(max_problems={max_problems}); pass a positive -x/--max-problems")
-    print0("=" * 50)
-    print0(f"Final: {num_passed}/{total} ({100*num_passed/total:.2f}%)")
-    return num_passed / total
-
-# -----------------------------------------------------------------------------
-# Categorical evaluation: no sampling needed, so whole batches of problems go through
-# one forward pass and we read off the logits of the allowed answer letters.
-
-
-def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems=None):
-    """
-    Fraction of multiple-choice problems where, among the problem's own letters, the
-    model gives the highest logit to the correct one. The logits are read at the last
-    prompt token (<|assistant_start|>), i.e. the prediction of the assistant's first token.
-    """
-    ddp, ddp_rank, ddp_local_rank, ddp_world_size = get_dist_info()
-    device = model.get_device()
-    # prompts differ in length; BOS fills the gap on the right, and since we only read
-    # logits at each prompt's own last position, whatever sits after it cannot matter
-    pad_id = tokenizer.get_bos_token_id()
-    num_problems = len(task_object) if max_problems is None else min(len(task_object), max_problems)
-    num_batches = -(-num_problems // batch_size)
-
-    letter_ids = {}  # letter -> token id; the same few letters come up over and over
-    num_passed, total = 0, 0
-    for b in range(ddp_rank, num_batches, ddp_world_size):
-        first, last = b * batch_size, min((b + 1) * batch_size, num_problems)
-        conversations = [task_object[i] for i in range(first, last)]
-        prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
-        width = max(len(p) for p in prompts)
-        padded = [p + [pad_id] * (width - len(p)) for p in prompts]
-        with torch.no_grad():
-            logits = model(torch.tensor(padded, dtype=torch.long, device=device))  # (B, T, V)
-
-        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
-            letters = conversation['letters']
-            choice_ids = []
-            for letter in letters:
-                if letter not in letter_ids:
-                    encoded = tokenizer.encode(letter)
-                    if len(encoded) != 1:
-                        raise ValueError(f"answer letter {letter!r} encodes to {len(encoded)} tokens, "
-                                         f"but categorical evaluation needs each letter to be one token")
-                    letter_ids[letter] = encoded[0]
-                choice_ids.append(letter_ids[letter])
-            # restricting the argmax to the allowed letters makes the task much easier than
-            # free generation, which is the usual convention for multiple-choice evals
-            choice_logits = logits[row, len(prompt) - 1, choice_ids]
-            predicted_letter = letters[choice_logits.argmax(dim=-1).item()]
-            num_passed += int(task_object.evaluate(conversation, predicted_letter))
-            total += 1
-
-    num_passed, total = _sum_over_ranks(num_passed, total, device)
-    if total == 0:
-        raise ValueError(f"{type(task_object).__name__} has no problems to evaluate "
-                         f"(max_problems={max_problems}); pass a positive -x/--max-problems")
-    average = num_passed / total
-    print0(f"Final: {num_passed}/{total} ({100*average:.2f}%)")
-    return average
-
-# -----------------------------------------------------------------------------
-
-
-def run_chat_eval(task_name, model, tokenizer, engine,
-                  batch_size=1, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
-                  max_problems=None):
-    """Accuracy of the model on one ChatCORE task (a name from ALL_TASKS)."""
-    check_task_names([task_name])
-    task_object = TASK_BUILDERS[task_name]()
-    if task_object.eval_type == 'generative':
-        return run_generative_eval(task_object, tokenizer, model, engine, num_samples, max_new_tokens,
-                                   temperature, top_k, max_problems=max_problems)
-    if task_object.eval_type == 'categorical':
-        return run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems=max_problems)
-    raise ValueError(f"Unsupported task evaluation type: {task_object.eval_type}")
+    baseline_acc = BASELINE_ACCURACIES[task_name]
+    return (accuracy - baseline_acc) / (1.0 - baseline_acc)
 
 
 # where each -i/--source keeps its checkpoints, under the base dir (load_model's layout)
@@ -254,7 +282,7 @@ def main(argv=None):
     try:
         results = {}
         for task_name in task_names:
-            accuracy = run_chat_eval(
+            acc = run_chat_eval(
                 task_name,
                 model, tokenizer, engine,
                 batch_size=args.batch_size,
@@ -264,21 +292,27 @@ def main(argv=None):
                 top_k=args.top_k,
                 max_problems=args.max_problems,
             )
-            results[task_name] = accuracy
-            print0(f"{task_name} accuracy: {100 * accuracy:.2f}%")
+            results[task_name] = acc
+            print0(f"{task_name} accuracy: {100 * acc:.2f}%")
 
-        # ChatCORE only makes sense over the full set of tasks, like CORE for base models
-        chatcore = None
-        if all(task_name in results for task_name in ALL_TASKS):
-            chatcore = sum(centered_accuracy(name, acc) for name, acc in results.items()) / len(results)
-            print0(f"ChatCORE metric: {chatcore:.4f}")
+        # ChatCORE only makes sense over the full set of tasks, like CORE for base models: the
+        # mean centered accuracy, 0 at the random baseline and 1 at peak performance
+        all_tasks_were_evaluated = all(task_name in results for task_name in ALL_TASKS)
+        chatcore_metric = None
+        if all_tasks_were_evaluated:
+            centered_mean = 0
+            for task_name, acc in results.items():
+                centered_acc = centered_accuracy(task_name, acc)
+                centered_mean += centered_acc
+            chatcore_metric = centered_mean / len(results)
+            print0(f"ChatCORE metric: {chatcore_metric:.4f}")
 
-        if ddp_rank == 0:
+        if ddp_rank == 0:  # ours: the results file
             out_dir = os.path.join(get_base_dir(), "chat_eval")
             os.makedirs(out_dir, exist_ok=True)
             out_path = os.path.join(out_dir, f"{args.source}_{model_tag}_{step:06d}.json")
             record = {"source": args.source, "model_tag": model_tag, "step": step,
-                      "results": results, "chatcore": chatcore, "args": vars(args)}
+                      "results": results, "chatcore": chatcore_metric, "args": vars(args)}
             with open(out_path, "w", encoding="utf-8") as f:
                 json.dump(record, f, indent=2)
             print0(f"Results written to: {out_path}")
@@ -290,7 +324,7 @@ def main(argv=None):
         raise SystemExit(1)
     finally:
         compute_cleanup()
-    return {"results": results, "chatcore": chatcore}
+    return {"results": results, "chatcore": chatcore_metric}
 
 
 if __name__ == "__main__":

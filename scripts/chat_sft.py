@@ -37,7 +37,7 @@ from nanochat.checkpoint_manager import save_checkpoint, load_model, load_optimi
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.flash_attention import HAS_FA3
 from nanochat.engine import Engine
-from scripts.chat_eval import run_chat_eval, ALL_TASKS, BASELINE_ACCURACIES, centered_accuracy
+from scripts.chat_eval import run_chat_eval, ALL_TASKS, centered_accuracy
 
 from tasks.common import TaskMixture
 from tasks.gsm8k import GSM8K
@@ -143,11 +143,10 @@ def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_se
     batch. Under torchrun each rank takes every ddp_world_size-th conversation.
     """
     dataset_size = len(dataset)
-    if dataset_size == 0:
+    if dataset_size == 0:  # ours: a ValueError naming where the data comes from
         raise ValueError("the SFT data mixture is empty; check the task data (or NANOCHAT_TASK_FIXTURES)")
     row_capacity = max_seq_len + 1  # inputs and targets are the row shifted by one
     bos_token = tokenizer.get_bos_token_id()
-    use_cuda = device.type == "cuda"
 
     conv_buffer = []  # (ids, mask) of rendered conversations waiting to be packed
     cursor = ddp_rank  # next conversation to render into the buffer
@@ -158,7 +157,8 @@ def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_se
     def refill_buffer():
         nonlocal cursor, epoch
         while len(conv_buffer) < buffer_size:
-            ids, mask = tokenizer.render_conversation(dataset[cursor])
+            conversation = dataset[cursor]
+            ids, mask = tokenizer.render_conversation(conversation)
             conv_buffer.append((ids, mask))
             cursor += ddp_world_size
             if cursor >= dataset_size:
@@ -166,43 +166,61 @@ def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_se
                 epoch += 1
 
     while True:
-        rows, mask_rows, row_lengths = [], [], []
+        rows = []
+        mask_rows = []
+        row_lengths = []  # the length before any padding, per row
         for _ in range(device_batch_size):
-            row, mask_row = [], []
-            content_len = row_capacity  # stays so unless the row ends in padding
+            row = []
+            mask_row = []
+            padded = False
             while len(row) < row_capacity:
-                refill_buffer()
+                while len(conv_buffer) < buffer_size:
+                    refill_buffer()
+
                 remaining = row_capacity - len(row)
+
                 # best fit: the longest buffered conversation that fits in what is left
-                best_idx, best_len = -1, 0
+                best_idx = -1
+                best_len = 0
                 for i, (conv, _) in enumerate(conv_buffer):
-                    if best_len < len(conv) <= remaining:
-                        best_idx, best_len = i, len(conv)
+                    conv_len = len(conv)
+                    if conv_len <= remaining and conv_len > best_len:
+                        best_idx = i
+                        best_len = conv_len
+
                 if best_idx >= 0:
                     conv, conv_mask = conv_buffer.pop(best_idx)
                     row.extend(conv)
                     mask_row.extend(conv_mask)
                     consumed += ddp_world_size
-                    continue
-                if not row:
-                    # an empty row and still nothing fits: the whole (full) buffer is
-                    # conversations longer than a row, and none of them can ever leave it
-                    raise RuntimeError(
-                        f"all {buffer_size} buffered conversations are longer than a row of "
-                        f"{row_capacity} tokens (max_seq_len + 1), so no batch can be filled; "
-                        f"raise --max-seq-len")
-                # nothing fits: pad the rest of the row instead of cropping a conversation
-                content_len = len(row)
-                row.extend([bos_token] * remaining)
-                mask_row.extend([0] * remaining)
-            row_lengths.append(content_len)
+                else:
+                    if not row:
+                        # ours: an empty row and still nothing fits: the whole (full) buffer is
+                        # conversations longer than a row, and none of them can ever leave it
+                        raise RuntimeError(
+                            f"all {buffer_size} buffered conversations are longer than a row of "
+                            f"{row_capacity} tokens (max_seq_len + 1), so no batch can be filled; "
+                            f"raise --max-seq-len")
+                    # nothing fits: pad the rest of the row instead of cropping a conversation
+                    content_len = len(row)
+                    row.extend([bos_token] * remaining)
+                    mask_row.extend([0] * remaining)
+                    padded = True
+                    break
+
+            if padded:
+                row_lengths.append(content_len)
+            else:
+                row_lengths.append(row_capacity)
             rows.append(row[:row_capacity])
             mask_rows.append(mask_row[:row_capacity])
 
+        # `progress` is given for the training split only (upstream: split == "train")
         it += 1
+        if 0 < num_iterations <= it and progress is not None:
+            progress.last_step = True
+
         if progress is not None:
-            if 0 < num_iterations <= it:
-                progress.last_step = True
             progress.current_epoch = epoch
             if num_iterations > 0:
                 progress.approx_progress = it / num_iterations
@@ -213,17 +231,22 @@ def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_se
             if consumed >= dataset_size:
                 progress.last_step = True
 
-        batch = torch.tensor(rows, dtype=torch.long, pin_memory=use_cuda)
-        inputs = batch[:, :-1].to(device=device, dtype=torch.int32, non_blocking=use_cuda).contiguous()
-        targets = batch[:, 1:].to(device=device, dtype=torch.int64, non_blocking=use_cuda).contiguous()
+        use_cuda = device.type == "cuda"
+        batch_tensor = torch.tensor(rows, dtype=torch.long, pin_memory=use_cuda)
+        inputs = batch_tensor[:, :-1].to(device=device, dtype=torch.int32, non_blocking=use_cuda).contiguous()
+        targets = batch_tensor[:, 1:].to(device=device, dtype=torch.int64, non_blocking=use_cuda).contiguous()
+
         # mask[j] belongs to token j, and token j is the target at position j-1
-        mask_targets = torch.tensor(mask_rows, dtype=torch.int8)[:, 1:].to(device=device)
+        mask_tensor = torch.tensor(mask_rows, dtype=torch.int8)
+        mask_targets = mask_tensor[:, 1:].to(device=device)
         targets[mask_targets == 0] = -1
+
         # padding carries mask 0 already; this also drops the target that would predict
         # the first pad token from the last real one
         for i, content_len in enumerate(row_lengths):
             if content_len < row_capacity:
-                targets[i, content_len - 1:] = -1
+                targets[i, content_len-1:] = -1
+
         yield inputs, targets
 
 # -----------------------------------------------------------------------------
@@ -231,20 +254,22 @@ def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_se
 
 
 def get_lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, constant, linear warmdown to final_lr_frac, as a function of progress in
-    [0, 1] (not of the step: a full-epoch SFT run does not know its step count in advance)."""
+    # Linear warmup, constant, linear warmdown to final_lr_frac, as a function of progress in
+    # [0, 1] (not of the step: a full-epoch SFT run does not know its step count in advance).
+    # Ours: the ratios are parameters (upstream reads its global args) so tests can call it.
     if progress < warmup_ratio:
         return (progress + 1e-8) / warmup_ratio
-    if progress <= 1.0 - warmdown_ratio:
+    elif progress <= 1.0 - warmdown_ratio:
         return 1.0
-    decay = (progress - (1.0 - warmdown_ratio)) / warmdown_ratio
-    return (1 - decay) * 1.0 + decay * final_lr_frac
-
+    else:
+        decay = (progress - (1.0 - warmdown_ratio)) / warmdown_ratio
+        return (1 - decay) * 1.0 + decay * final_lr_frac
 
 def get_muon_momentum(it):
-    """Muon momentum ramps from 0.85 to 0.95 over the first 300 steps."""
+    # Muon momentum ramps from 0.85 to 0.95 over the first 300 steps
     frac = min(it / 300, 1)
-    return (1 - frac) * 0.85 + frac * 0.95
+    momentum = (1 - frac) * 0.85 + frac * 0.95
+    return momentum
 
 # -----------------------------------------------------------------------------
 # Training
@@ -267,11 +292,10 @@ def train_sft(args):
     else:
         gpu_peak_flops = float('inf')  # MFU means nothing on CPU/MPS
 
-    if args.run == "dummy" or not master_process:
-        wandb_run = DummyWandb()
-    else:
-        import wandb  # only needed (and only slow to import) when actually logging
-        wandb_run = wandb.init(project="nanochat-sft", name=args.run, config=user_config)
+    use_dummy_wandb = args.run == "dummy" or not master_process
+    if not use_dummy_wandb:
+        import wandb  # ours: only needed (and only slow to import) when actually logging
+    wandb_run = DummyWandb() if use_dummy_wandb else wandb.init(project="nanochat-sft", name=args.run, config=user_config)
 
     if not HAS_FA3:
         print0("WARNING: Flash Attention 3 not available, using PyTorch SDPA fallback. Training will be less efficient.")
@@ -381,10 +405,12 @@ def train_sft(args):
         # Validation bpb (all ranks)
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
+            val_loader = build_val_loader()
             eval_steps = args.eval_tokens // (args.device_batch_size * args.max_seq_len * ddp_world_size)
-            val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
+            val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
-            min_val_bpb = min(min_val_bpb, val_bpb)
+            if val_bpb < min_val_bpb:
+                min_val_bpb = val_bpb
             wandb_run.log({
                 "step": step,
                 "total_training_flops": flops_so_far,
@@ -397,7 +423,7 @@ def train_sft(args):
         if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
             model.eval()
             engine = Engine(orig_model, tokenizer)
-            categorical_tasks = ('ARC-Easy', 'ARC-Challenge', 'MMLU')
+            categorical_tasks = ('ARC-Easy', 'ARC-Challenge', 'MMLU')  # a tuple: the sums below add in a fixed order
             task_results = {}
             for task_name in ALL_TASKS:
                 limit = args.chatcore_max_cat if task_name in categorical_tasks else args.chatcore_max_sample
@@ -406,8 +432,11 @@ def train_sft(args):
                                     batch_size=args.device_batch_size, max_problems=max_problems)
                 task_results[task_name] = acc
                 print0(f"  {task_name}: {100*acc:.2f}%")
-            chatcore = sum(centered_accuracy(t, task_results[t]) for t in ALL_TASKS) / len(ALL_TASKS)
-            chatcore_cat = sum(centered_accuracy(t, task_results[t]) for t in categorical_tasks) / len(categorical_tasks)
+            # mean centered accuracy: 0 = random guessing, 1 = perfect
+            def centered_mean(tasks):
+                return sum(centered_accuracy(t, task_results[t]) for t in tasks) / len(tasks)
+            chatcore = centered_mean(ALL_TASKS)
+            chatcore_cat = centered_mean(categorical_tasks)
             print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}")
             wandb_run.log({
                 "step": step,
@@ -443,6 +472,8 @@ def train_sft(args):
                 },
                 rank=ddp_rank,
             )
+
+        if last_step:
             break
 
         # ---------------------------------------------------------------------
@@ -477,7 +508,8 @@ def train_sft(args):
             optimizer.step()
         model.zero_grad(set_to_none=True)
         synchronize()
-        dt = time.time() - t0
+        t1 = time.time()
+        dt = t1 - t0
         # ---------------------------------------------------------------------
 
         step += 1

@@ -6,18 +6,19 @@ The reference tokenizers come from tiktoken, which downloads them on first use. 
 (and without a pre-filled TIKTOKEN_CACHE_DIR) a comparison is skipped with a message;
 our own numbers are always reported.
 
+Ours beside upstream's: our own sample texts; a missing train/val split, an unavailable
+reference tokenizer and a missing tokenizer of ours are one line each; our own table of
+ratios; colours only on a terminal.
+
 Example:
 python -m scripts.tok_eval
 """
 import os
 import sys
-
 from nanochat.tokenizer import get_tokenizer, RustBPETokenizer
 from nanochat.dataset import parquets_iter_batched
 
-# -----------------------------------------------------------------------------
 # Sample texts, one per kind of text we care about (written for this script)
-
 news_text = r"""
 (Lisbon, March 3, 2026) – Port authorities confirmed on Tuesday that the container ship “Marisol Azul” ran aground on a sandbank roughly 4.5 nautical miles west of the harbour entrance, shortly after 06:40 local time. None of the 23 crew members were injured, and early inspections found no sign of fuel leaking from the hull, officials said.
 
@@ -131,7 +132,7 @@ Cellular respiration is the set of catabolic pathways by which cells oxidise glu
 """.strip()
 
 
-# The tokenizer was trained on the first shards, so it has seen the train text but not val
+# ours: the first row group of a split, or "" with a note when the split is missing or empty
 def first_batch_text(split):
     try:
         return "\n".join(next(parquets_iter_batched(split=split)))
@@ -141,7 +142,7 @@ def first_batch_text(split):
         print(f"Note: skipping climbmix-{split}: {e}")
     return ""
 
-
+# The tokenizer was trained on the first shards, so it has seen the train text but not val
 train_text = first_batch_text("train")
 val_text = first_batch_text("val")
 
@@ -157,51 +158,65 @@ if train_text:
 if val_text:
     all_text.append(("climbmix-val", val_text))
 
-# -----------------------------------------------------------------------------
-# Encode every text with every available tokenizer
-
-baselines = {"gpt2": ("GPT-2", "gpt2"), "gpt4": ("GPT-4", "cl100k_base")}
-tokenizers = {}
-for key, (label, tiktoken_name) in baselines.items():
+# ours: a reference tokenizer that cannot be loaded (tiktoken downloads them) is skipped
+# with a note; our own missing is an error
+def reference_tokenizer(label, tiktoken_name):
     try:
-        tokenizers[key] = RustBPETokenizer.from_pretrained(tiktoken_name)
+        return RustBPETokenizer.from_pretrained(tiktoken_name)
     except (RuntimeError, ValueError) as e:
         print(f"Note: {label} tokenizer unavailable, skipping that comparison: {e}")
-try:
-    tokenizers["ours"] = get_tokenizer()
-except FileNotFoundError as e:
-    print(f"Error: {e}", file=sys.stderr)
-    sys.exit(1)
+        return None
 
+def our_tokenizer():
+    try:
+        return get_tokenizer()
+    except FileNotFoundError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+# Our tokenizer beside GPT-2's and GPT-4's
 tokenizer_results = {}
 vocab_sizes = {}
-for tokenizer_name, tokenizer in tokenizers.items():
+
+for tokenizer_name in ["gpt2", "gpt4", "ours"]:
+
+    if tokenizer_name == "gpt2":
+        tokenizer = reference_tokenizer("GPT-2", "gpt2")
+    elif tokenizer_name == "gpt4":
+        tokenizer = reference_tokenizer("GPT-4", "cl100k_base")
+    else:
+        tokenizer = our_tokenizer()
+    if tokenizer is None:
+        continue
+
     vocab_sizes[tokenizer_name] = tokenizer.get_vocab_size()
     tokenizer_results[tokenizer_name] = {}
+
     for name, text in all_text:
         encoded = tokenizer.encode(text)
-        assert tokenizer.decode(encoded) == text, f"{tokenizer_name} failed to round-trip the {name} text"
-        num_bytes = len(text.encode('utf-8'))
+        decoded = tokenizer.decode(encoded)
+        assert decoded == text, f"{tokenizer_name} failed to round-trip the {name} text"
+
+        encoded_bytes = text.encode('utf-8')
+        ratio = len(encoded_bytes) / len(encoded)
         tokenizer_results[tokenizer_name][name] = {
-            'bytes': num_bytes,
+            'bytes': len(encoded_bytes),
             'tokens': len(encoded),
-            'ratio': num_bytes / len(encoded),
+            'ratio': ratio
         }
 
-# -----------------------------------------------------------------------------
-# Report
-
-# colours only on a terminal: speedrun.sh tees this into a log file (upstream always colours)
+# ANSI colours, only on a terminal: speedrun.sh tees this into a log file (upstream always colours)
 _COLOR = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 GREEN = '\033[92m' if _COLOR else ''
 RED = '\033[91m' if _COLOR else ''
 RESET = '\033[0m' if _COLOR else ''
 
 print(f"\nVocab sizes:")
-for key, (label, _) in baselines.items():
-    print(f"{label}: {vocab_sizes.get(key, 'unavailable')}")
+print(f"GPT-2: {vocab_sizes.get('gpt2', 'unavailable')}")
+print(f"GPT-4: {vocab_sizes.get('gpt4', 'unavailable')}")
 print(f"Ours: {vocab_sizes['ours']}")
 
+# ours: our own ratios, printed even when no reference is available
 print(f"\nOur tokenizer:")
 print("=" * 40)
 print(f"{'Text Type':<15} {'Bytes':<8} {'Tokens':<8} {'Ratio':<7}")
@@ -210,7 +225,6 @@ for name, _ in all_text:
     r = tokenizer_results['ours'][name]
     print(f"{name:<15} {r['bytes']:<8} {r['tokens']:<8} {r['ratio']:<7.2f}")
 
-
 def print_comparison(baseline_name, baseline_results, ours_results, all_text):
     """Table of token counts and ratios, baseline vs ours; the better ratio in green."""
     print(f"\nComparison with {baseline_name}:")
@@ -218,25 +232,37 @@ def print_comparison(baseline_name, baseline_results, ours_results, all_text):
     print(f"{'Text Type':<10} {'Bytes':<8} {baseline_name:<15} {'Ours':<15} {'Relative':<12} {'Better':<10}")
     print(f"{'':10} {'':8} {'Tokens':<7} {'Ratio':<7} {'Tokens':<7} {'Ratio':<7} {'Diff %':<12}")
     print("-" * 95)
-    for name, _ in all_text:
-        base, ours = baseline_results[name], ours_results[name]
+
+    for name, text in all_text:
+        baseline_data = baseline_results[name]
+        ours_data = ours_results[name]
+
         # positive = we need fewer tokens than the baseline for the same text
-        relative_diff = (base['tokens'] - ours['tokens']) / base['tokens'] * 100
-        if base['ratio'] > ours['ratio']:
-            base_color, ours_color, diff_color, better = GREEN, RED, RED, baseline_name
-        elif ours['ratio'] > base['ratio']:
-            base_color, ours_color, diff_color, better = RED, GREEN, GREEN, "Ours"
+        relative_diff = ((baseline_data['tokens'] - ours_data['tokens']) / baseline_data['tokens']) * 100
+
+        # the higher bytes/token ratio compresses better
+        if baseline_data['ratio'] > ours_data['ratio']:
+            baseline_color, ours_color = GREEN, RED
+            better = baseline_name
+            diff_color = RED
+        elif ours_data['ratio'] > baseline_data['ratio']:
+            baseline_color, ours_color = RED, GREEN
+            better = "Ours"
+            diff_color = GREEN
         else:
-            base_color, ours_color, diff_color, better = "", "", "", "Tie"
-        print(f"{name:<10} {base['bytes']:<8} "
-              f"{base_color}{base['tokens']:<7}{RESET} "
-              f"{base_color}{base['ratio']:<7.2f}{RESET} "
-              f"{ours_color}{ours['tokens']:<7}{RESET} "
-              f"{ours_color}{ours['ratio']:<7.2f}{RESET} "
+            baseline_color, ours_color = "", ""
+            better = "Tie"
+            diff_color = ""
+
+        print(f"{name:<10} {baseline_data['bytes']:<8} "
+              f"{baseline_color}{baseline_data['tokens']:<7}{RESET} "
+              f"{baseline_color}{baseline_data['ratio']:<7.2f}{RESET} "
+              f"{ours_color}{ours_data['tokens']:<7}{RESET} "
+              f"{ours_color}{ours_data['ratio']:<7.2f}{RESET} "
               f"{diff_color}{relative_diff:+7.1f}%{RESET}     "
               f"{better:<10}")
 
-
-for key, (label, _) in baselines.items():
-    if key in tokenizer_results:
-        print_comparison(label, tokenizer_results[key], tokenizer_results['ours'], all_text)
+if 'gpt2' in tokenizer_results:  # ours: only the references that loaded
+    print_comparison("GPT-2", tokenizer_results['gpt2'], tokenizer_results['ours'], all_text)
+if 'gpt4' in tokenizer_results:
+    print_comparison("GPT-4", tokenizer_results['gpt4'], tokenizer_results['ours'], all_text)

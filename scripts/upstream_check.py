@@ -297,7 +297,9 @@ def record_checkpoint_files(workspace):
     ckpt_dir = workspace / "base_checkpoints" / "d2"
     meta = {"step": 5, "model_config": asdict(model.config), "user_config": {"depth": 2}}
     save_checkpoint(str(ckpt_dir), 5, model.state_dict(), opt.state_dict(), meta, rank=0)
-    out = {"files": sorted(p.name for p in ckpt_dir.iterdir())}
+    # our manifest_XXXXXX.json is the checkpoint's commit marker (written last, see checkpoint_manager):
+    # an addition beside upstream's files, not a difference in them
+    out = {"files": sorted(p.name for p in ckpt_dir.iterdir() if not p.name.startswith("manifest_"))}
     out["meta"] = json.loads((ckpt_dir / "meta_000005.json").read_text())
     out.update(_tensor_dict("model_file/", torch.load(ckpt_dir / "model_000005.pt", map_location="cpu")))
     optim = torch.load(ckpt_dir / "optim_000005_rank0.pt", map_location="cpu")
