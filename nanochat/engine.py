@@ -142,6 +142,11 @@ class KVCache:
         """Move every row's position forward by num_tokens."""
         self.cache_seqlens += num_tokens
 
+    def truncate(self, pos, prev_embedding):  # hook: MegaContext's runtime rewinds to the first slot its working context changed
+        assert 0 <= pos <= self.get_pos() and (pos == 0) == (prev_embedding is None), "truncate(pos, the pre-smear embedding of slot pos-1)"  # hook: truncate
+        self.cache_seqlens.fill_(pos)  # hook: truncate (k/v past pos are overwritten by the next forward)
+        self.prev_embedding = prev_embedding  # hook: truncate (what the smear of slot pos mixes in)
+
     def prefill(self, other):
         """
         Start this (empty) cache from the contents of another one, typically a batch-1

@@ -480,6 +480,8 @@ class GPT(nn.Module):
                 # prefill: same as training within the chunk
                 gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))
                 x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+                if x_pre_smear is not None:  # hook: a chunk continuing a non-empty cache (MegaContext's runtime) smears its first slot
+                    x = torch.cat([x[:, :1] + self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, :1, :24])) * x_pre_smear, x[:, 1:]], dim=1)  # hook: as decode does
             elif x_pre_smear is not None:
                 # single-token decode: the previous token comes from the cache
                 gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, :, :24]))
