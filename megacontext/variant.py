@@ -203,24 +203,48 @@ class MegaContextVariant:
         return result
 
     def _load_base_weights(self, model, run_args):
-        from nanochat.checkpoint_manager import load_checkpoint, find_last_step
-        tag = self.config["base_model_tag"]
-        if not tag:
-            raise ValueError("megacontext.base_model_tag is required: JT1 trains GistNet on a pretrained base model "
-                             "(e.g. base_model_tag: cpu_tiny after `python -m nanochat.train --config configs/cpu_tiny.yaml`)")
-        if tag == run_args.get("model_tag"):
-            raise ValueError(f"model_tag '{tag}' would overwrite the base checkpoint; give the JT1 run its own model_tag")
-        checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", tag)
-        step = self.config["base_step"]
-        if step is None:
-            step = find_last_step(checkpoint_dir)
-        model_data, _, meta = load_checkpoint(checkpoint_dir, step, model.get_device(), load_optimizer=False)
-        base_config = meta["model_config"]
-        mine = asdict(model.config)
-        mismatch = {k: (mine.get(k), v) for k, v in base_config.items() if mine.get(k) != v}
-        if mismatch:
-            raise ValueError(f"the run's model does not match base checkpoint {checkpoint_dir} step {step}: "
-                             + ", ".join(f"{k} run={a} checkpoint={b}" for k, (a, b) in mismatch.items())
-                             + "; set depth/aspect_ratio/head_dim/max_seq_len/window_pattern to the base run's")
-        model.load_state_dict(model_data, strict=True)
-        print0(f"MegaContext: base weights from {checkpoint_dir} step {step} (frozen)")
+        load_base_weights(model, self.config["base_model_tag"], self.config["base_step"], run_args, section="megacontext",
+                          example="base_model_tag: cpu_tiny after `python -m nanochat.train --config configs/cpu_tiny.yaml`")
+
+# -----------------------------------------------------------------------------
+# Checkpoints shared by the MegaContext variants (JT1 here, JT2 in lens_training.py)
+
+
+def load_base_weights(model, tag, step, run_args, section, example):
+    """Load base_checkpoints/<tag> (step None = the last) into the run's model, which must have its
+    shape; `section` names the config section in errors and `example` shows a valid setting."""
+    from nanochat.checkpoint_manager import load_checkpoint, find_last_step
+    if not tag:
+        raise ValueError(f"{section}.base_model_tag is required: this variant trains on a pretrained, frozen base "
+                         f"model (e.g. {example})")
+    if tag == run_args.get("model_tag"):
+        raise ValueError(f"model_tag '{tag}' would overwrite the base checkpoint; give the {section} run its own model_tag")
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", tag)
+    if step is None:
+        step = find_last_step(checkpoint_dir)
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, model.get_device(), load_optimizer=False)
+    mine = asdict(model.config)
+    mismatch = {k: (mine.get(k), v) for k, v in meta["model_config"].items() if mine.get(k) != v}
+    if mismatch:
+        raise ValueError(f"the run's model does not match base checkpoint {checkpoint_dir} step {step}: "
+                         + ", ".join(f"{k} run={a} checkpoint={b}" for k, (a, b) in mismatch.items())
+                         + "; set depth/aspect_ratio/head_dim/max_seq_len/window_pattern to the base run's")
+    model.load_state_dict(model_data, strict=True)
+    print0(f"{section}: base weights from {checkpoint_dir} step {step} (frozen)")
+
+
+def last_mc_file(spec, what, make_command):
+    """An mc_XXXXXX.pt path as given, or a run's model tag -> base_checkpoints/<tag>/mc_<last step>.pt.
+    Nothing there: FileNotFoundError naming `what` and the command that makes it."""
+    path = os.path.expanduser(str(spec))
+    if os.path.isfile(path):
+        return path
+    if path.endswith(".pt") or os.sep in path:
+        raise FileNotFoundError(f"{what}: {path} does not exist; give an mc_XXXXXX.pt file or a run's model tag "
+                                f"(train one with `{make_command}`)")
+    ckpt_dir = os.path.join(get_base_dir(), "base_checkpoints", path)
+    steps = sorted(int(f[3:-3]) for f in os.listdir(ckpt_dir) if f.startswith("mc_") and f.endswith(".pt")) \
+        if os.path.isdir(ckpt_dir) else []
+    if not steps:
+        raise FileNotFoundError(f"no {what} (mc_XXXXXX.pt) under {ckpt_dir}; train one with `{make_command}`")
+    return os.path.join(ckpt_dir, f"mc_{steps[-1]:06d}.pt")

@@ -1,0 +1,358 @@
+"""
+The `lensnet` variant: JT2, LensNet training on a frozen base model and a frozen, JT1-trained GistNet.
+
+    python -m nanochat.train --config configs/lensnet_cpu.yaml
+
+nanochat finds this class by name (entry point `nanochat.variants` in pyproject.toml) when a run
+config says `variant: lensnet`. One micro-batch, step by step (each row is BOS + one document
+with `long_documents`, as the data source `longdocs` makes them):
+  1. per row a history and a horizon: history = the row from after the BOS up to t, horizon =
+     the next `horizon` tokens, scored where the row is supervised (a synthetic row supervises
+     only its question, answer and further queries). t = BOS + history_tokens, except in a
+     synthetic row: there t is answer_tokens before the end of its first supervised span (kept
+     within [min_history, history_tokens] and not before the span), so the history ends with the
+     question and the horizon holds the answer, the tokens only focus can predict (LensNet sees
+     the question in the tail, as it would at a refocus after the user asks).
+  2. the history's LOD1 gists (every whole block) and LOD2 gists (every whole 1024-token span)
+     from the frozen GistNet; tail gists = all LOD2 + the last lod1_tail LOD1 (as TailGistCache)
+  3. wcs_per_row WCs at budget budget_tokens: the recency baseline and random mixes
+  4. targets (megacontext/lens_targets.py): `counterfactual` utilities (every candidate of every
+     WC through the base model in batches of batch_rows rows; at most max_candidates per WC),
+     `attention` (the full-context attention mass, one forward of the rows), or `mixed`
+     (attention for the first attention_steps steps, then counterfactual)
+  5. LensNet scores all WCs in one padded batch; loss = w_regression * regression +
+     w_ranking * ranking + w_budget * budget
+
+Every eval_every steps: focus on held-out rows (the val split of eval_mixture): from the recency
+WC, one refocus of the Focus Allocator (tau 0, at most 2 changes) on LensNet's scores, against the
+best single candidate (a one-step oracle):
+  val_focus_gain   mean NLL(recency) - NLL(LensNet's WC), nats per scored horizon token
+  val_oracle_gain  mean max(0, best candidate utility)
+  val_focus_share  focus_gain / oracle_gain
+  val_top1         share of rows where LensNet's highest-scored gist is the oracle's best expansion
+  val_pick_gain    mean utility of expanding LensNet's highest-scored gist (as the oracle would:
+                   paired with a collapse of the oldest LOD0 block when the budget is full)
+  val_loss_*       the JT2 losses on these rows' recency WCs (counterfactual targets)
+
+The `lensnet:` section of the run config (DEFAULTS below lists every key):
+  base_model_tag / base_step   the frozen base model (base_checkpoints/<tag>; required)
+  gistnet                      a JT1 run's model tag (its last mc_XXXXXX.pt) or an mc path (required)
+  lensnet                      LensNetConfig fields except n_embd (d_model, n_layer, n_head, mlp_ratio)
+  seed, lr, weight_decay       LensNet init seed and AdamW (scaled by nanochat's LR schedule)
+  target, attention_steps      counterfactual | attention | mixed (see step 4)
+  budget_tokens, history_tokens, min_history, answer_tokens, horizon, long_documents, wcs_per_row,
+  max_candidates, batch_rows, lod1_tail
+  target_scale, attention_scale   score units per nat of utility / per unit of attention log-share
+  ranking_temperature, w_regression, w_ranking, w_budget   the losses' knobs
+  eval_every, eval_rows, eval_mixture, run_name
+
+Metrics: loss() returns (loss, metrics) with the three losses and target statistics; on_step
+writes them with the trainer's loss, lrm and dt to the run's telemetry JSONL (megacontext/telemetry.py:
+no wandb run of its own unless MEGACONTEXT_ENABLE_WANDB=1).
+
+What it owns: LensNet's weights, their optimizer group and checkpoint (mc_XXXXXX.pt beside
+upstream's files, with the GistNet identity), the sampling of JT2 examples and the JT2 telemetry.
+It never changes the base model's or GistNet's weights; a vanilla run never touches this file.
+"""
+
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from nanochat.common import get_base_dir, print0, get_dist_info
+from megacontext import base_inputs
+from megacontext.gistnet import token_embeddings
+from megacontext.lensnet import LensNet, LensNetConfig, entry_vectors, entry_features, tail_gists_of, mask_illegal
+from megacontext.lens_targets import (counterfactual_targets, attention_mass, attention_targets, lens_losses,
+                                      horizon_nlls, wc_row)
+from megacontext.telemetry import Telemetry
+from megacontext.tree import BLOCK_SIZE
+from megacontext.variant import last_mc_file, load_base_weights
+from megacontext.working_context import WorkingContext, TensorStore
+
+TARGETS = ("counterfactual", "attention", "mixed")
+DEFAULTS = dict(
+    base_model_tag=None, base_step=None, gistnet=None, lensnet={}, seed=0, lr=3e-3, weight_decay=0.0,
+    target="counterfactual", attention_steps=50,
+    budget_tokens=128, history_tokens=1024, min_history=160, answer_tokens=6, horizon=32, long_documents=True,
+    wcs_per_row=2, max_candidates=None, batch_rows=32, lod1_tail=256,
+    target_scale=10.0, attention_scale=1.0, ranking_temperature=1.0, w_regression=1.0, w_ranking=1.0, w_budget=0.1,
+    eval_every=0, eval_rows=8, eval_mixture={"natural": 0.5, "passkey": 0.25, "assoc": 0.25},
+    run_name=None,
+)
+
+
+class LensNetVariant:
+    name = "lensnet"
+
+    def __init__(self, config):
+        unknown = set(config) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown lensnet config key(s): {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(DEFAULTS))}")
+        cfg = self.config = {**DEFAULTS, **config}
+        if cfg["target"] not in TARGETS:
+            raise ValueError(f"lensnet.target must be one of {', '.join(TARGETS)}, got {cfg['target']!r}")
+        if cfg["budget_tokens"] < 2 * BLOCK_SIZE:
+            raise ValueError(f"lensnet.budget_tokens must be at least {2 * BLOCK_SIZE} (the LOD0 tail plus room), "
+                             f"got {cfg['budget_tokens']}")
+        if not (BLOCK_SIZE <= cfg["min_history"] <= cfg["history_tokens"]):
+            raise ValueError(f"lensnet needs {BLOCK_SIZE} <= min_history <= history_tokens, got "
+                             f"min_history={cfg['min_history']}, history_tokens={cfg['history_tokens']}")
+        if cfg["wcs_per_row"] < 1 or cfg["horizon"] < 1:
+            raise ValueError("lensnet.wcs_per_row and lensnet.horizon must be >= 1")
+        self.step = 0
+        self.micro = 0
+        self.model = self.gistnet = self.lensnet = self.telemetry = None
+        self.last_metrics = {}
+        self.val_rows = None
+
+    # -------------------------------------------------------------------------
+    # hooks called by nanochat/train.py
+
+    def build(self, model, run_args):
+        """Load and freeze the base model and the GistNet, create LensNet; return its group."""
+        from megacontext.ingest import load_gister
+        cfg = self.config
+        room = model.config.sequence_len + 1 - (1 if cfg["long_documents"] else 0)
+        if cfg["history_tokens"] + cfg["horizon"] > room:
+            raise ValueError(f"lensnet history_tokens + horizon = {cfg['history_tokens'] + cfg['horizon']} exceeds "
+                             f"the {room} tokens a row holds (max_seq_len {model.config.sequence_len}); lower "
+                             f"lensnet.history_tokens or lensnet.horizon")
+        if not cfg["gistnet"]:
+            raise ValueError("lensnet.gistnet is required: the JT1 GistNet whose gists LensNet scores (a model tag "
+                             "such as longctx_cpu_gistnet, or a path to its mc_XXXXXX.pt)")
+        self._load_base_weights(model, run_args)
+        model.requires_grad_(False)
+        base_inputs.attach(model)
+        self.model = model
+        device = model.get_device()
+        self.gistnet = load_gister(last_mc_file(cfg["gistnet"], f"GistNet for lensnet.gistnet '{cfg['gistnet']}'",
+                                                 "python -m nanochat.train --config configs/gistnet_longctx_cpu.yaml"),
+                                   model.config.n_embd, device)
+        self.gistnet.requires_grad_(False)
+        self.gistnet_identity = self.gistnet.identity()
+        lens_config = LensNetConfig(n_embd=model.config.n_embd, **cfg["lensnet"])
+        self.lensnet = LensNet(lens_config, gistnet_identity=self.gistnet_identity).init_weights(seed=cfg["seed"])
+        self.lensnet.to(device).train()
+        print0(f"LensNet: d_model {lens_config.d_model}, {lens_config.n_layer} layers "
+               f"({self.lensnet.num_params():,} params); GistNet {self.gistnet_identity} (frozen)")
+        rank = get_dist_info()[1]
+        run_name = cfg["run_name"] or (run_args.get("model_tag") or f"d{run_args.get('depth')}")
+        self.telemetry = Telemetry(run_name, config={"lensnet": cfg, "train": run_args}, enabled=rank == 0)
+        return [dict(kind="adamw", params=list(self.lensnet.parameters()), lr=cfg["lr"],
+                     betas=(0.9, 0.95), eps=1e-10, weight_decay=cfg["weight_decay"])]
+
+    def loss(self, model, x, y):
+        """JT2 loss of one micro-batch (model is ignored: the uncompiled base reads variable shapes)."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg["seed"], self.step, self.micro])
+        self.micro += 1
+        t0 = time.time()
+        items = self._items(x, y, rng, n_wcs=cfg["wcs_per_row"])
+        target = cfg["target"]
+        if target == "mixed":
+            target = "attention" if self.step < cfg["attention_steps"] else "counterfactual"
+        if target == "attention":
+            targets = self._attention_targets(items)
+            base_nll = []
+        else:
+            results = counterfactual_targets(self.model, items, cfg["batch_rows"], cfg["max_candidates"], rng)
+            targets = [r["targets"] for r in results]
+            base_nll = [r["nll"] for r in results]
+        t_targets = time.time() - t0
+        if not items:  # no row had a scored horizon token: a zero loss that still reaches every parameter
+            self.last_metrics = {"n_wcs": 0}
+            return sum(p.sum() for p in self.lensnet.parameters()) * 0.0, self.last_metrics
+        scores = self._scores(items)
+        scale = cfg["attention_scale"] if target == "attention" else cfg["target_scale"]
+        parts = lens_losses(scores, targets, [it["wc"] for it in items], scale, cfg["ranking_temperature"])
+        loss = (cfg["w_regression"] * parts["regression"] + cfg["w_ranking"] * parts["ranking"]
+                + cfg["w_budget"] * parts["budget"])
+        finite = np.concatenate([t[np.isfinite(t)] for t in targets]) if targets else np.zeros(0)
+        metrics = {f"loss_{k}": float(v.detach()) for k, v in parts.items()}
+        metrics.update(target=target, targets_s=t_targets, n_wcs=len(items), n_targets=int(finite.size),
+                       target_mean=float(finite.mean()) if finite.size else float("nan"),
+                       target_pos_share=float((finite > 0).mean()) if finite.size else float("nan"))
+        if base_nll:
+            metrics["wc_nll"] = float(np.nanmean(base_nll))
+        self.last_metrics = metrics
+        return loss, metrics
+
+    def on_step(self, step, metrics):
+        # LensNet lives outside the GPT, whose grads the loop clears; clear its own after the step
+        self.lensnet.zero_grad(set_to_none=True)
+        cfg = self.config
+        record = {**self.last_metrics, **metrics}
+        if cfg["eval_every"] > 0 and (step + 1) % cfg["eval_every"] == 0:
+            record.update({f"val_{k}": v for k, v in self.evaluate().items()})
+            print0(f"step {step:05d} | JT2 val focus gain {record['val_focus_gain']:.4f} of oracle "
+                   f"{record['val_oracle_gain']:.4f} (share {record['val_focus_share']:.3f}); top gist's gain "
+                   f"{record['val_pick_gain']:.4f}, top1 {record['val_top1']:.2f}; ranking {record['val_loss_ranking']:.4f}")
+        self.telemetry.log(record, step=step)
+        self.step = step + 1
+        self.micro = 0
+
+    def state_dict(self):
+        return {
+            "lensnet": {"config": asdict(self.lensnet.config), "state_dict": self.lensnet.state_dict()},
+            "gistnet_identity": self.gistnet_identity,
+            "step": self.step,
+            "lensnet_config": self.config,
+        }
+
+    def load_state_dict(self, state):
+        if state.get("gistnet_identity") != self.gistnet_identity:
+            raise ValueError(f"the LensNet state was trained with GistNet {state.get('gistnet_identity')} but this "
+                             f"run loads {self.gistnet_identity}; resume with the same lensnet.gistnet")
+        self.lensnet.load_state_dict(state["lensnet"]["state_dict"])
+        self.step = state["step"]
+
+    # -------------------------------------------------------------------------
+    # examples
+
+    def _windows(self, x, y):
+        """Per row (history (L_r,), horizon (H,), horizon_mask (H,)) from a trainer micro-batch (step 1)."""
+        cfg = self.config
+        rows = torch.cat([x, y[:, -1:]], dim=1)
+        supervised = torch.cat([torch.zeros_like(y[:, :1], dtype=torch.bool), y >= 0], dim=1)
+        skip = 1 if cfg["long_documents"] else 0
+        L, H = cfg["history_tokens"], cfg["horizon"]
+        out = []
+        for r in range(rows.size(0)):
+            t = skip + L
+            sup = supervised[r]
+            if not bool(sup[skip + 1:].all()):  # a synthetic row: the horizon on the end of its first scored span
+                where = torch.nonzero(sup).squeeze(1)
+                if len(where):
+                    first = int(where[0])
+                    gaps = torch.nonzero(~sup[first:]).squeeze(1)
+                    end = first + (int(gaps[0]) if len(gaps) else len(sup) - first)
+                    t = min(max(end - cfg["answer_tokens"], first, skip + cfg["min_history"]), skip + L)
+            out.append((rows[r, skip:t], rows[r, t:t + H], sup[t:t + H]))
+        return out
+
+    @torch.no_grad()
+    def _gists(self, histories):
+        """Per history (lod1 (n_blocks, D), lod2 (n_groups, D)) from the frozen GistNet."""
+        n_blocks = [len(h) // BLOCK_SIZE for h in histories]
+        blocks = [h[:n * BLOCK_SIZE].reshape(n, BLOCK_SIZE) for h, n in zip(histories, n_blocks) if n]
+        lod1_all = self.gistnet(token_embeddings(self.model, torch.cat(blocks)), 1).float()
+        out, cursor = [], 0
+        for n in n_blocks:
+            lod1 = lod1_all[cursor:cursor + n]
+            cursor += n
+            groups = n // BLOCK_SIZE
+            lod2 = (self.gistnet(lod1[:groups * BLOCK_SIZE].reshape(groups, BLOCK_SIZE, -1), 2).float() if groups
+                    else lod1[:0])
+            out.append((lod1, lod2))
+        return out
+
+    def _items(self, x, y, rng, n_wcs, recency_only=False):
+        """The examples of a micro-batch: one dict per WC (see lens_targets.counterfactual_targets)."""
+        cfg = self.config
+        W = cfg["budget_tokens"]
+        windows = [w for w in self._windows(x, y) if bool(w[2].any())]  # rows with nothing scored teach nothing
+        gists = self._gists([w[0] for w in windows]) if windows else []
+        bos = int(x[0, 0]) if cfg["long_documents"] else None
+        items = []
+        for (history, horizon, mask), (lod1, lod2) in zip(windows, gists):
+            N = len(history)
+            wcs = [WorkingContext.recency(N, W)]
+            if not recency_only:
+                wcs += [WorkingContext.random_mix(rng, N, W) for _ in range(n_wcs - 1)]
+            tail = tail_gists_of(lod1, lod2, cfg["lod1_tail"])
+            for wc in wcs:
+                items.append(dict(wc=wc, history=history, lod1=lod1, lod2=lod2, horizon=horizon, horizon_mask=mask,
+                                  bos=bos, tail=tail))
+        return items
+
+    def _scores(self, items):
+        """LensNet's raw scores of every item's WC, in one padded batch (with gradients)."""
+        embed = lambda ids: token_embeddings(self.model, ids)
+        batch = []
+        with torch.no_grad():
+            for it in items:
+                store = TensorStore(it["history"], it["lod1"], it["lod2"])
+                batch.append((entry_vectors(it["wc"], store, embed), entry_features(it["wc"]).to(it["lod1"].device),
+                              it["tail"]))
+        return self.lensnet.score_batch(batch)
+
+    def _attention_targets(self, items):
+        cfg = self.config
+        by_history = {}
+        for it in items:  # the WCs of one row share its history: one attention pass per row
+            by_history.setdefault(id(it["history"]), it)
+        firsts = list(by_history.values())
+        bos = firsts[0]["bos"] if firsts else None
+        masses = attention_mass(self.model, [it["history"] for it in firsts],
+                                torch.stack([it["horizon"] for it in firsts]),
+                                torch.stack([it["horizon_mask"] for it in firsts]), bos=bos)
+        mass_of = {id(it["history"]): m for it, m in zip(firsts, masses)}
+        return [attention_targets(it["wc"], mass_of[id(it["history"])]) for it in items]
+
+    # -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Focus on held-out rows (see the module docstring)."""
+        from megacontext.allocator import FocusAllocator, AllocatorConfig
+        cfg = self.config
+        if self.val_rows is None:
+            self.val_rows = self._val_rows()
+        self.lensnet.eval()
+        rng = np.random.default_rng(0)
+        items = []
+        for x, y in self.val_rows:
+            items += self._items(x, y, rng, n_wcs=1, recency_only=True)
+        results = counterfactual_targets(self.model, items, cfg["batch_rows"])
+        raw = self._scores(items)
+        held_out = lens_losses(raw, [r["targets"] for r in results], [it["wc"] for it in items],
+                               cfg["target_scale"], cfg["ranking_temperature"])
+        scores = [mask_illegal(s, it["wc"]).cpu().numpy() for s, it in zip(raw, items)]
+        allocator = FocusAllocator(AllocatorConfig(tau_expand=0.0, tau_collapse=0.0, max_changes=2, cooldown=0,
+                                                   hysteresis=0.0))
+        focused = []
+        for it, s in zip(items, scores):
+            allocator.reset()
+            focused.append(allocator.refocus(it["wc"], s).wc)
+        rows = [wc_row(wc, it["history"], it["lod1"], it["lod2"], it["bos"]) for wc, it in zip(focused, items)]
+        nll = horizon_nlls(self.model, rows, torch.stack([it["horizon"] for it in items]),
+                           torch.stack([it["horizon_mask"] for it in items]), cfg["batch_rows"]).numpy()
+        gains, oracle, top1, pick = [], [], [], []
+        for r, s, n, it in zip(results, raw, nll, items):
+            gains.append(r["nll"] - float(n))
+            expand = [(u, a[1][0]) for a, u in zip(r["actions"], r["utilities"]) if a[0] == "expand"]
+            best = max(expand) if expand else (0.0, None)
+            oracle.append(max(0.0, best[0]))
+            gist_scores = np.where(it["wc"].levels > 0, s.cpu().numpy(), -np.inf)  # raw: the ranking of the gists
+            choice = int(np.argmax(gist_scores))
+            top1.append(float(best[1] is not None and choice == best[1]))
+            pick.append(dict((i, u) for u, i in expand).get(choice, 0.0))
+        self.lensnet.train()
+        g, o = float(np.mean(gains)), float(np.mean(oracle))
+        return {"focus_gain": g, "oracle_gain": o, "focus_share": g / o if o > 0 else float("nan"),
+                "top1": float(np.mean(top1)), "pick_gain": float(np.mean(pick)), "rows": len(items),
+                **{f"loss_{k}": float(v) for k, v in held_out.items()}}
+
+    def _val_rows(self):
+        from nanochat.tokenizer import get_tokenizer
+        cfg = self.config
+        tokenizer = get_tokenizer()
+        device = self.model.get_device()
+        T = self.model.config.sequence_len
+        if cfg["long_documents"]:
+            from megacontext.window_loader import LongDocSource
+            loader = LongDocSource({"source": "longdocs", "mixture": cfg["eval_mixture"]}).val_loader(
+                tokenizer, 2, T, device)
+        else:
+            from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+            loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, 2, T, split="val", device=device)
+        return [tuple(t.clone() for t in next(loader)[:2]) for _ in range(max(1, cfg["eval_rows"] // 2))]
+
+    def _load_base_weights(self, model, run_args):
+        load_base_weights(model, self.config["base_model_tag"], self.config["base_step"], run_args, section="lensnet",
+                          example="base_model_tag: longctx_cpu after `python -m nanochat.train --config configs/longctx_cpu.yaml`")
