@@ -70,12 +70,15 @@ python -m nanochat.train --config configs/cpu_tiny.yaml 2>&1 | tee "$LOG_DIR/bas
 step "evaluation: bits per byte on train/val, and samples"
 python -m scripts.base_eval --eval=bpb,sample --model-tag=cpu_tiny --device-batch-size=4 --split-tokens=16384 2>&1 | tee "$LOG_DIR/base_eval.log"
 
-# MegaContext's testbed: a base model that needs distant context, its GistNet, and the harness
+# MegaContext's testbed: a base model that needs distant context, its GistNet and LensNet, and the harness
 step "long-context testbed: a base model on long documents + synthetic long-range tasks (configs/longctx_cpu.yaml)"
 python -m nanochat.train --config configs/longctx_cpu.yaml 2>&1 | tee "$LOG_DIR/longctx_train.log"
 
 step "MegaContext JT1: GistNet on the frozen testbed model (configs/gistnet_longctx_cpu.yaml)"
 python -m nanochat.train --config configs/gistnet_longctx_cpu.yaml 2>&1 | tee "$LOG_DIR/gistnet_train.log"
+
+step "MegaContext JT2: LensNet on the frozen testbed model and GistNet (configs/lensnet_cpu.yaml)"
+python -m nanochat.train --config configs/lensnet_cpu.yaml 2>&1 | tee "$LOG_DIR/lensnet_train.log"
 
 step "long-context evaluation: every method at W=128 (configs/eval_cpu.yaml) -> $NANOCHAT_BASE_DIR/eval/longctx"
 python -m megacontext.eval --config configs/eval_cpu.yaml --out "$NANOCHAT_BASE_DIR/eval/longctx" 2>&1 | tee "$LOG_DIR/longctx_eval.log"

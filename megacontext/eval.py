@@ -16,8 +16,13 @@ same budget W (`budget_tokens`, token-equivalents: a LOD0 token costs 1, a gist 
                   (collapsing the oldest non-tail LOD0 block when the budget is full) and keeps
                   the one that lowers the horizon NLL most, while one does. An upper bound for
                   any focus policy over these gists; costly, so it runs on a stated subset.
-    megacontext   LensNet + the Focus Allocator: not built yet, so it is listed under
-                  `absent_methods` with the reason, never given a figure.
+    megacontext   LensNet + the Focus Allocator (needs `gistnet` and `lensnet`), run the way the
+                  runtime runs them: the history streams in, starting from its first
+                  `refocus_every` tokens; after every further `refocus_every` tokens the WC grows
+                  (WorkingContext.extend collapses oldest-first when the new tokens overflow W),
+                  LensNet scores it and the allocator refocuses; one last refocus at the end of
+                  the history (the runtime refocuses before every reply). The horizon is then
+                  scored over that WC. Without a LensNet it is listed under `absent_methods`.
 
 Every row the model reads starts with BOS (as every training row of the testbed does); the BOS
 costs nothing. Metrics follow ../shared/DESIGN.md section 6 (report.json's schema is there):
@@ -60,15 +65,19 @@ import time
 import random
 import subprocess
 
+import numpy as np
 import yaml
 
 METHODS = ("full", "recency", "meanpool", "gist_uniform", "oracle", "megacontext")
-ABSENT_REASONS = {"megacontext": "LensNet and the Focus Allocator are not built yet (the focus issue); "
-                                 "no figure exists for this method"}
+ABSENT_REASONS = {"megacontext": "needs a trained GistNet and LensNet (set `gistnet:` and `lensnet:`; train LensNet with "
+                                 "`python -m nanochat.train --config configs/lensnet_cpu.yaml`)"}
 DEFAULTS = {
     "model_tag": "longctx_cpu",   # base_checkpoints/<model_tag>
     "step": None,                 # checkpoint step (None = last)
     "gistnet": None,              # a JT1 run's model tag (its last mc_XXXXXX.pt) or a .pt path; None = no gist methods
+    "lensnet": None,              # a JT2 run's model tag (its last mc_XXXXXX.pt) or a .pt path; None = no megacontext method
+    "refocus_every": 32,          # K: tokens between refocuses of the megacontext method (as the runtime's K)
+    "allocator": {},              # megacontext.allocator.AllocatorConfig fields (empty = its defaults)
     "device_type": "",            # cuda | cpu | mps ("" = autodetect)
     "budget_tokens": 128,         # W
     "horizon": 32,                # H: tokens scored per natural-text position
@@ -89,7 +98,7 @@ DEFAULTS = {
     "delta_positions": 32,
     "batch_rows": 16,             # rows per forward pass
     "seed": 0,
-    "methods": list(METHODS[:-1]),
+    "methods": list(METHODS),
 }
 
 
@@ -110,37 +119,12 @@ def _coerce(key, value):
 
 def parse_args(argv):
     """argv -> (config dict, out dir, task files). Flags are checked before torch is imported."""
-    cfg, out, task_files, config_path = dict(DEFAULTS), None, [], None
-    overrides, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            print("config keys (defaults):\n" + "\n".join(f"  {k}: {v!r}" for k, v in DEFAULTS.items()))
-            sys.exit(0)
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument '{arg}'; use --key=value")
-        key, value = (arg[2:].split("=", 1) + [None])[:2]
-        if value is None:
-            if i + 1 >= len(argv):
-                raise ValueError(f"--{key} needs a value")
-            value, i = argv[i + 1], i + 1
-        key = key.replace("-", "_")
-        if key == "config":
-            config_path = value
-        elif key == "out":
-            out = value
-        elif key == "tasks":
-            task_files.append(value)
-        else:
-            overrides[key] = value
-        i += 1
-    if config_path is not None:
-        if not os.path.exists(config_path):
-            raise ValueError(f"config file not found: {config_path} (see configs/eval_cpu.yaml)")
-        data = yaml.safe_load(open(config_path)) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {config_path} must be a mapping of key: value")
+    from megacontext.flags import split_argv, read_config_file
+    cfg = dict(DEFAULTS)
+    overrides, named = split_argv(argv, __doc__, DEFAULTS, {"config": None, "out": None, "tasks": []})
+    out, task_files = named["out"], named["tasks"]
+    if named["config"] is not None:
+        data = read_config_file(named["config"], example="configs/eval_cpu.yaml")
         task_files = list(data.pop("tasks", None) or []) + task_files
         overrides = {**data, **overrides}
     for key, value in overrides.items():
@@ -191,18 +175,19 @@ def read_task_file(path, tokenizer):
 # Scoring: rows of entries -> per-token NLL and greedy correctness (nothing here knows methods)
 
 
-def score_rows(model, rows, horizons, batch_rows):
-    """rows: lists of entries (losses.pack_rows); horizons: list of 1-D token lists (any lengths).
-    Returns (nll list of float arrays, correct list of bool arrays), one per row."""
+def score_wcs(model, wcs, stores, horizons, batch_rows, bos_id):
+    """Working contexts, the store each reads from (a TensorStore) and horizons (1-D token lists,
+    any lengths) -> (nll list of float arrays, correct list of bool arrays), one per WC. Every
+    row is [BOS] + the WC's slots + the horizon, packed by working_context.pack_batch."""
     import torch
     import torch.nn.functional as F
-    from megacontext.losses import pack_rows
+    from megacontext.working_context import pack_batch
     from megacontext.base_inputs import gist_inputs
     base = getattr(model, "_orig_mod", model)
     device = base.get_device()
-    nlls, corrects = [None] * len(rows), [None] * len(rows)
-    # group rows of equal horizon length (pack_rows wants a (B, H) horizon tensor), longest first
-    order = sorted(range(len(rows)), key=lambda i: -len(horizons[i]))
+    nlls, corrects = [None] * len(wcs), [None] * len(wcs)
+    # group rows of equal horizon length (pack_batch wants a (B, H) horizon tensor), longest first
+    order = sorted(range(len(wcs)), key=lambda i: -len(horizons[i]))
     groups = {}
     for i in order:
         groups.setdefault(len(horizons[i]), []).append(i)
@@ -210,10 +195,12 @@ def score_rows(model, rows, horizons, batch_rows):
         for H, members in groups.items():
             for k in range(0, len(members), batch_rows):
                 chunk = members[k:k + batch_rows]
-                hz = torch.tensor([list(horizons[i]) for i in chunk], dtype=torch.long, device=device)
-                idx, targets, mask, vectors = pack_rows([rows[i] for i in chunk], hz, base.config.n_embd, device)
-                with gist_inputs(model, mask, vectors):
-                    logits = model(idx)
+                hz = torch.tensor(np.array([horizons[i] for i in chunk], dtype=np.int64), device=device)
+                batch = pack_batch([wcs[i] for i in chunk], [stores[i] for i in chunk], hz, n_embd=base.config.n_embd,
+                                   bos_id=bos_id, device=device)
+                targets = batch["targets"]
+                with gist_inputs(model, batch["gist_mask"], batch["gist_vectors"]):
+                    logits = model(batch["idx"])
                 logp = F.log_softmax(logits.float(), dim=-1)
                 for b, i in enumerate(chunk):
                     where = (targets[b] >= 0).nonzero().squeeze(1)
@@ -227,7 +214,7 @@ def score_rows(model, rows, horizons, batch_rows):
 
 
 class Harness:
-    def __init__(self, model, tokenizer, cfg, gistnet=None):
+    def __init__(self, model, tokenizer, cfg, gistnet=None, lensnet=None):
         import torch
         from megacontext.gistnet import GistNet, GistNetConfig
         self.torch = torch
@@ -238,12 +225,14 @@ class Harness:
         self.seq_len = model.config.sequence_len
         self.mean_gistnet = GistNet(GistNetConfig(n_embd=model.config.n_embd, head="mean")).to(self.device).eval()
         self.gistnet = gistnet
+        self.lensnet = lensnet
         self.seconds = {}
         self.tokens = {}
+        self.focus_log = None  # a list while a workload's focus figures are being collected (see evaluate)
 
     def available(self, method):
         if method == "megacontext":
-            return False
+            return self.gistnet is not None and self.lensnet is not None
         if method in ("gist_uniform", "oracle"):
             return self.gistnet is not None
         return True
@@ -252,7 +241,7 @@ class Harness:
         """Per history (multiple of nothing): (lod1 (n_blocks, D), lod2 (n_groups, D)) over its whole blocks."""
         import torch
         from megacontext.gistnet import token_embeddings
-        B = 32
+        from megacontext.tree import BLOCK_SIZE as B
         out = []
         with torch.no_grad():
             n_blocks = [len(h) // B for h in histories]
@@ -273,35 +262,28 @@ class Harness:
         from megacontext.working_context import WorkingContext
         return WorkingContext.recency(n, self.W)
 
-    def wc_row(self, wc, history, gists):
-        """The entries the model reads for a WC over `history` with (lod1, lod2) gists, BOS first."""
-        lod1, lod2 = gists
-        row, run_start, run_end = [[self.bos]], None, None
-        for e in wc.entries:
-            if e.level == 0:
-                if run_start is None:
-                    run_start = e.start
-                run_end = e.end
-                continue
-            if run_start is not None:
-                row.append(list(history[run_start:run_end]))
-                run_start = None
-            row.append((lod1 if e.level == 1 else lod2)[e.index])
-        if run_start is not None:
-            row.append(list(history[run_start:run_end]))
-        return row
+    def store(self, history, gists=None):
+        """The TensorStore a WC over `history` reads from: its tokens and (lod1, lod2) gists."""
+        from megacontext.working_context import TensorStore
+        lod1, lod2 = gists if gists is not None else (None, None)
+        return TensorStore(self.torch.as_tensor(np.asarray(history, dtype=np.int64)), lod1, lod2)
+
+    def score(self, wcs, stores, horizons):
+        return score_wcs(self.model, wcs, stores, horizons, self.cfg["batch_rows"], self.bos)
 
     def views(self, method, histories):
-        """-> (rows, wcs or None per history) for a non-oracle method."""
+        """-> (wcs, stores, whether the WCs are the method's own layout) for a non-oracle method.
+        full and recency are all-LOD0 WCs over the whole history / over its last W tokens."""
+        from megacontext.working_context import WorkingContext
         W = self.W
         if method == "full":
-            return [[[self.bos], list(h)] for h in histories], None
+            return [WorkingContext.uniform(len(h), 0) for h in histories], [self.store(h) for h in histories], False
         if method == "recency":
-            return [[[self.bos], list(h[-W:])] for h in histories], None
+            return ([WorkingContext.uniform(len(h[-W:]), 0) for h in histories],
+                    [self.store(h[-W:]) for h in histories], False)
         gistnet = self.mean_gistnet if method == "meanpool" else self.gistnet
         gists = self._gists(histories, gistnet)
-        wcs = [self.base_wc(len(h)) for h in histories]
-        return [self.wc_row(wc, h, g) for wc, h, g in zip(wcs, histories, gists)], wcs
+        return [self.base_wc(len(h)) for h in histories], [self.store(h, g) for h, g in zip(histories, gists)], True
 
     def fits_full(self, history, horizon):
         return 1 + len(history) + len(horizon) - 1 <= self.seq_len
@@ -312,48 +294,78 @@ class Harness:
         t0 = time.time()
         if method == "oracle":
             result = self._oracle(histories, horizons)
+        elif method == "megacontext":
+            result = self._megacontext(histories, horizons)
         else:
-            rows, wcs = self.views(method, histories)
-            nll, correct = score_rows(self.model, rows, horizons, self.cfg["batch_rows"])
-            result = dict(nll=nll, correct=correct, wcs=wcs)
+            wcs, stores, own_layout = self.views(method, histories)
+            nll, correct = self.score(wcs, stores, horizons)
+            result = dict(nll=nll, correct=correct, wcs=wcs if own_layout else None)
         self.seconds[method] = self.seconds.get(method, 0.0) + time.time() - t0
         self.tokens[method] = self.tokens.get(method, 0) + sum(len(h) + len(z) for h, z in zip(histories, horizons))
         return result
 
     def _candidates(self, wc):
         """Every WC one expansion away (collapsing the oldest non-tail LOD0 block when needed)."""
-        out = []
-        oldest_lod0 = next((j for j, e in enumerate(wc.entries) if e.level == 0 and wc.collapse_group(j)), None)
-        for i, e in enumerate(wc.entries):
-            if e.level == 0:
-                continue
-            if wc.can_expand(i):
-                out.append(wc.expand(i))
-            elif oldest_lod0 is not None:
-                freed = wc.collapse(oldest_lod0)  # one entry for one: indices do not move
-                if freed.can_expand(i):
-                    out.append(freed.expand(i))
-        return out
+        from megacontext.lens_targets import candidates
+        return [c for kind, _, c in candidates(wc) if kind == "expand"]
 
     def _oracle(self, histories, horizons):
         gists = self._gists(histories, self.gistnet)
         wcs = [self.base_wc(len(h)) for h in histories]
-        rows = [self.wc_row(wc, h, g) for wc, h, g in zip(wcs, histories, gists)]
-        nll, correct = score_rows(self.model, rows, horizons, self.cfg["batch_rows"])
+        stores = [self.store(h, g) for h, g in zip(histories, gists)]
+        nll, correct = self.score(wcs, stores, horizons)
         for i in range(len(histories)):
             current = float(nll[i].mean())
             for _ in range(self.cfg["oracle_rounds"]):
                 cands = self._candidates(wcs[i])
                 if not cands:
                     break
-                c_rows = [self.wc_row(c, histories[i], gists[i]) for c in cands]
-                c_nll, c_correct = score_rows(self.model, c_rows, [horizons[i]] * len(cands), self.cfg["batch_rows"])
+                c_nll, c_correct = self.score(cands, [stores[i]] * len(cands), [horizons[i]] * len(cands))
                 means = [float(x.mean()) for x in c_nll]
                 best = min(range(len(cands)), key=lambda k: means[k])
                 if means[best] >= current:
                     break
                 wcs[i], nll[i], correct[i], current = cands[best], c_nll[best], c_correct[best], means[best]
         return dict(nll=nll, correct=correct, wcs=wcs)
+
+    def _megacontext(self, histories, horizons):
+        gists = self._gists(histories, self.gistnet)
+        stores = [self.store(h, g) for h, g in zip(histories, gists)]
+        wcs = [self.focus(st, len(h), g) for st, h, g in zip(stores, histories, gists)]
+        nll, correct = self.score(wcs, stores, horizons)
+        return dict(nll=nll, correct=correct, wcs=wcs)
+
+    def focus(self, store, history_len, gists):
+        """The WC LensNet + the allocator arrive at when a history of history_len tokens (read
+        from store) streams in (see the module docstring); appends one record per refocus to
+        self.focus_log when it is a list."""
+        from megacontext.allocator import AllocatorConfig, FocusAllocator
+        from megacontext.gistnet import token_embeddings
+        from megacontext.lensnet import tail_gists_of
+        from megacontext.runtime import Focus
+        from megacontext.telemetry import budget_utilization, residency, swap_rate
+        from megacontext.tree import BLOCK_SIZE as B
+        from megacontext.working_context import WorkingContext
+        lod1, lod2 = gists
+        K, W = self.cfg["refocus_every"], self.W
+        embed_fn = lambda ids: token_embeddings(self.model, ids.to(self.device))
+        focus = Focus(self.lensnet, FocusAllocator(AllocatorConfig(**self.cfg["allocator"])))
+        n = min(history_len, K)
+        wc = WorkingContext.recency(n, W)
+        previous = None  # the WC after the last refocus (residency compares consecutive ones)
+        while True:
+            tail = tail_gists_of(lod1[:n // B], lod2[:n // (B * B)])  # what a TailGistCache holds at n tokens
+            refocus = focus.refocus(wc, store, embed_fn, tail)
+            if self.focus_log is not None:
+                self.focus_log.append({"swap_rate": swap_rate(len(refocus.actions), len(wc)),
+                                       "residency": residency(previous, refocus.wc) if previous is not None else None,
+                                       "budget_utilization": budget_utilization(refocus.wc),
+                                       "invalid_scores": refocus.invalid_scores})
+            wc = previous = refocus.wc
+            if n == history_len:
+                return wc
+            n = min(history_len, n + K)
+            wc = wc.extend(n)
 
 # -----------------------------------------------------------------------------
 # Workloads
@@ -389,7 +401,7 @@ def _key_span(case):
 
 
 def _mean_ci(values):
-    import numpy as np
+
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return None
@@ -408,15 +420,16 @@ def _git_commit():
 
 
 def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=None, progress=True, device_name="",
-             corpus=None):
+             corpus=None, lensnet=None):
     """Run every workload -> the report dict (DESIGN.md section 6). corpus: the held-out
     TokenCorpus (default: the test split of the offline long documents)."""
-    import numpy as np
+
     import torch
     from tqdm import tqdm
     from megacontext.longdocs import load_corpus
     from megacontext.synthetic import make_case, TASKS
-    from megacontext.losses import gisted_contexts, horizon_nll, BLOCK_SIZE
+    from megacontext.losses import delta_nll
+    from megacontext.tree import BLOCK_SIZE
 
     W, H = cfg["budget_tokens"], cfg["horizon"]
     if W < BLOCK_SIZE or W % BLOCK_SIZE:
@@ -430,7 +443,9 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
                          f"{model.config.sequence_len}; lower delta_context or delta_horizon")
     if C % BLOCK_SIZE or C < 2 * BLOCK_SIZE:
         raise ValueError(f"delta_context={C} must be a multiple of {BLOCK_SIZE} and at least {2 * BLOCK_SIZE}")
-    harness = Harness(model, tokenizer, cfg, gistnet)
+    if cfg["refocus_every"] < 1:
+        raise ValueError(f"refocus_every={cfg['refocus_every']} must be at least 1 (tokens between refocuses)")
+    harness = Harness(model, tokenizer, cfg, gistnet, lensnet)
     methods = [m for m in cfg["methods"] if harness.available(m)]
     absent = {m: ABSENT_REASONS.get(m, "needs a trained GistNet (set `gistnet:` to a JT1 mc_XXXXXX.pt)")
               for m in cfg["methods"] if m not in methods}
@@ -475,13 +490,20 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
     if not positions:
         raise ValueError(f"no test document has the {deepest + H} tokens that history {max(ratios)}x W plus the "
                          f"horizon need; lower ratios or budget_tokens")
-    report["bpb"], report["gap_closed"] = {}, {}
+    report["bpb"], report["gap_closed"], report["lod_composition"] = {}, {}, {}
     natural_nll = {}  # (method, ratio) -> mean NLL nats/token, for the testbed figures
+    harness.focus_log = []  # the focus figures are those of the natural-text workload (the eval corpus)
     for r in ratios:
         n = r * W
         histories = [long_corpus.arrays[d][t - n:t].astype(np.int64) for d, t in positions]
         horizons = [long_corpus.arrays[d][t:t + H].astype(np.int64) for d, t in positions]
         results = run_all(histories, horizons, range(cfg["oracle_positions"]))
+        for m, res in results.items():
+            if res["wcs"]:  # mean WC make-up: LOD0 tokens, LOD1 gists, LOD2 gists
+                counts = np.array([[sum(e.cost for e in wc.entries if e.level == lv) for lv in range(3)]
+                                   for wc in res["wcs"]], dtype=np.float64)
+                report["lod_composition"].setdefault(m, {})[str(n)] = dict(zip(("lod0_tokens", "lod1_gists", "lod2_gists"),
+                                                                               counts.mean(0).tolist()))
 
         def bpb_of(res, keep=None):
             ks = [k for k, i in enumerate(res["index"]) if keep is None or i in keep]
@@ -509,6 +531,14 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
             if full is not None and rec is not None and rec - full > 0:
                 report["gap_closed"].setdefault(m, {})[hist] = (rec - value) / (rec - full)
     report["natural_positions"] = len(positions)
+    if "megacontext" in methods:
+        log, harness.focus_log = harness.focus_log, None
+        for key in ("swap_rate", "residency", "budget_utilization"):
+            values = [rec[key] for rec in log if rec[key] is not None]
+            report[key] = {"megacontext": float(np.mean(values))} if values else {}
+        report["focus"] = {"refocuses": len(log), "invalid_scores": int(sum(rec["invalid_scores"] for rec in log)),
+                           "refocus_every": cfg["refocus_every"]}
+    harness.focus_log = None
     timings["bpb"] = time.time() - t0
 
     # --- ΔNLL@H ---------------------------------------------------------------
@@ -518,21 +548,14 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
     gisters["meanpool"] = harness.mean_gistnet
     per = {name: {"lod1": [], "lod2": [], "drop": []} for name in gisters}
     bar.total += len(dpos)
-    bos = torch.tensor([harness.bos])
     with torch.no_grad():
         for d, t in dpos:
             doc = torch.as_tensor(corpus.arrays[d].astype(np.int64))
-            context, horizon = doc[t - C:t].to(harness.device), doc[t:t + DH].to(harness.device)
-            last = context[-BLOCK_SIZE:]
-            rows = [[bos, context], [bos, last]]
             for name, g in gisters.items():
-                gists = gisted_contexts(model, g, context[None], first_token=t - C)
-                rows += [[bos, gists[1][0], last], [bos, gists[2][0], last]]
-            nll = horizon_nll(model, rows, horizon.expand(len(rows), DH)).tolist()
-            for k, name in enumerate(gisters):
-                per[name]["lod1"].append(nll[2 + 2 * k] - nll[0])
-                per[name]["lod2"].append(nll[3 + 2 * k] - nll[0])
-                per[name]["drop"].append(nll[1] - nll[0])
+                r = delta_nll(model, g, doc, t, context_tokens=C, horizon=DH, bos=harness.bos)
+                per[name]["lod1"].append(r["delta_lod1"])
+                per[name]["lod2"].append(r["delta_lod2"])
+                per[name]["drop"].append(r["delta_drop"])
             bar.update(1)
 
     def delta_block(values):
@@ -645,11 +668,14 @@ TESTBED_GOALS = {"nll_gap_synthetic": (1.0, "nats/token, recency - full on synth
                  "passkey_full": (0.95, "lowest full-context passkey exact match over depths x ratios")}
 
 
+FOCUS_TARGETS = {"swap_rate": "0.05 - 0.20", "residency": ">= 0.90", "budget_utilization": "close to 1"}
+
+
 def report_markdown(report):
     W = report["budget_tokens"]
     lines = [f"# Long-context evaluation (W = {W} token-equivalents)", "",
              f"commit `{report['commit']}`, device {report['device']}, model `{report['config']['model_tag']}`, "
-             f"GistNet `{report['config']['gistnet'] or 'none'}`", "",
+             f"GistNet `{report['config']['gistnet'] or 'none'}`, LensNet `{report['config'].get('lensnet') or 'none'}`", "",
              f"Methods: {', '.join(report['methods'])}."]
     for m, why in report["absent_methods"].items():
         lines.append(f"Absent: **{m}**: {why}.")
@@ -678,6 +704,21 @@ def report_markdown(report):
     for m in report["methods"]:
         if m in report["gap_closed"]:
             lines.append(f"| {m} | " + " | ".join(_fmt(report["gap_closed"][m].get(str(h))) for h in hists) + " |")
+    comp = report.get("lod_composition", {})
+    if comp:
+        lines += ["", "WC make-up (mean LOD0 tokens / LOD1 gists / LOD2 gists):", "",
+                  "| method | " + " | ".join(f"{h // W}W" for h in hists) + " |", "|---|" + "---|" * len(hists)]
+        for m, by in comp.items():
+            lines.append(f"| {m} | " + " | ".join(
+                "/".join(f"{by[str(h)][k]:.0f}" for k in ("lod0_tokens", "lod1_gists", "lod2_gists")) if str(h) in by else ""
+                for h in hists) + " |")
+    if report.get("swap_rate"):
+        f = report["focus"]
+        lines += ["", f"## Focus (megacontext, natural-text workload: {f['refocuses']} refocuses, one every "
+                  f"{f['refocus_every']} tokens; {f['invalid_scores']} invalid scores)", "",
+                  "| figure | value | seed target |", "|---|---|---|"]
+        for key, goal in FOCUS_TARGETS.items():
+            lines.append(f"| {key} | {_fmt(report[key].get('megacontext'))} | {goal} |")
     if "delta_nll" in report:
         lines += ["", f"## ΔNLL@H (C = {report['config']['delta_context']}, H = {report['config']['delta_horizon']}, "
                   f"nats/token, 95% intervals)", "", "| gister | LOD1 | LOD2 | drop | recovered LOD1 | recovered LOD2 |",
@@ -722,7 +763,7 @@ def write_plots(report, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+
     paths = []
     W = report["budget_tokens"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -756,6 +797,23 @@ def write_plots(report, out):
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         paths.append(os.path.join(out, f"passkey_{m}.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    for m, by in report.get("lod_composition", {}).items():
+        hs = sorted(by, key=int)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        bottom = np.zeros(len(hs))
+        for key, label in (("lod0_tokens", "LOD0 tokens"), ("lod1_gists", "LOD1 gists"), ("lod2_gists", "LOD2 gists")):
+            vals = np.array([by[h][key] for h in hs])
+            ax.bar(range(len(hs)), vals, bottom=bottom, label=label)
+            bottom += vals
+        ax.set_xticks(range(len(hs)), [f"{int(h) // W}W" for h in hs])
+        ax.set_xlabel("history / W")
+        ax.set_ylabel("WC cost (token-equivalents)")
+        ax.set_title(f"WC make-up by LOD: {m}")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(os.path.join(out, f"lod_composition_{m}.png"))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     if "delta_nll" in report:
@@ -808,6 +866,10 @@ def headline(report):
         d = report["delta_nll"]
         lines.append(f"ΔNLL@H ({d['gister']}): LOD1 {_fmt(d['lod1']['value'])}, LOD2 {_fmt(d['lod2']['value'])}, "
                      f"drop {_fmt(d['drop']['value'])}, recovered LOD1 {_fmt(d['recovered_lod1'])}")
+    gap8 = report["gap_closed"].get("megacontext", {}).get(h8)
+    if gap8 is not None:
+        lines.append(f"megacontext at 8W: gap closed {gap8:.2f} (recency -> full); swap rate "
+                     f"{_fmt(report['swap_rate'].get('megacontext'))}, residency {_fmt(report['residency'].get('megacontext'))}")
     if report["absent_methods"]:
         lines.append("absent: " + ", ".join(report["absent_methods"]))
     return "\n".join(lines)
@@ -815,17 +877,8 @@ def headline(report):
 
 def resolve_gistnet(spec):
     """A .pt path as given, or a JT1 model tag -> base_checkpoints/<tag>/mc_<last step>.pt."""
-    from nanochat.common import get_base_dir
-    path = os.path.expanduser(str(spec))
-    if path.endswith(".pt") or os.sep in path:
-        return path
-    ckpt_dir = os.path.join(get_base_dir(), "base_checkpoints", path)
-    steps = sorted(int(f[3:-3]) for f in os.listdir(ckpt_dir) if f.startswith("mc_") and f.endswith(".pt")) \
-        if os.path.isdir(ckpt_dir) else []
-    if not steps:
-        raise FileNotFoundError(f"no GistNet (mc_XXXXXX.pt) under {ckpt_dir}; train one with "
-                                f"`python -m nanochat.train --config configs/gistnet_longctx_cpu.yaml`")
-    return os.path.join(ckpt_dir, f"mc_{steps[-1]:06d}.pt")
+    from megacontext.variant import last_mc_file
+    return last_mc_file(spec, "GistNet", "python -m nanochat.train --config configs/gistnet_longctx_cpu.yaml")
 
 
 def main(argv=None):
@@ -858,12 +911,19 @@ def main(argv=None):
             from megacontext.ingest import load_gister  # the one loader of GistNet checkpoints
             gistnet = load_gister(resolve_gistnet(cfg["gistnet"]), model.config.n_embd, device)
             print(f"GistNet: {gistnet.identity()}")
+        lensnet = None
+        if cfg["lensnet"] and "megacontext" in cfg["methods"]:
+            if gistnet is None:
+                raise ValueError("lensnet is set but gistnet is not: LensNet scores GistNet's gists; set gistnet too")
+            from megacontext.lensnet import load_lensnet
+            lensnet = load_lensnet(cfg["lensnet"], model.config.n_embd, device)
+            lensnet.check_gistnet(gistnet.identity())
         task_files = list(task_files)
         for path in task_files:  # fail on a bad file before the long work starts
             read_task_file(path, tokenizer)
         device_name = torch.cuda.get_device_name(0) if device_type == "cuda" else f"{device_type} ({os.cpu_count()} cores)"
         t0 = time.time()
-        report = evaluate(model, tokenizer, cfg, gistnet, task_files, device_name=device_name)
+        report = evaluate(model, tokenizer, cfg, gistnet, task_files, device_name=device_name, lensnet=lensnet)
         report["wall_time_s"] = time.time() - t0
         paths = write_report(report, out)
     except (FileNotFoundError, ValueError) as e:

@@ -83,35 +83,15 @@ def _coerce(key, value):
 
 def parse_args(argv):
     """argv -> (config, input path). Exits 2 on an unknown key, before torch is imported."""
-    cfg, overrides, config_path, input_path, i = dict(DEFAULTS), {}, None, None, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            print("config keys (defaults):\n" + "\n".join(f"  {k}: {v!r}" for k, v in DEFAULTS.items()))
-            sys.exit(0)
-        if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument '{arg}'; use --key=value")
-        key, value = (arg[2:].split("=", 1) + [None])[:2]
-        if value is None:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"error: --{key} needs a value")
-            value, i = argv[i + 1], i + 1
-        key = key.replace("-", "_")
-        if key == "config":
-            config_path = value
-        elif key == "input":
-            input_path = value
-        else:
-            overrides[key] = value
-        i += 1
-    if config_path is not None:
-        if not os.path.exists(config_path):
-            raise SystemExit(f"error: config file not found: {config_path} (see configs/runtime_cpu.yaml)")
-        data = yaml.safe_load(open(config_path)) or {}
-        if not isinstance(data, dict):
-            raise SystemExit(f"error: config file {config_path} must be a mapping of key: value")
-        overrides = {**data, **overrides}
+    from megacontext.flags import split_argv, read_config_file
+    cfg = dict(DEFAULTS)
+    try:
+        overrides, named = split_argv(argv, __doc__, DEFAULTS, {"config": None, "input": None})
+        if named["config"] is not None:
+            overrides = {**read_config_file(named["config"], example="configs/runtime_cpu.yaml"), **overrides}
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    input_path = named["input"]
     for key, value in overrides.items():
         if key not in DEFAULTS:
             print(f"error: unknown config key '{key}'; known keys: {', '.join(DEFAULTS)}", file=sys.stderr)

@@ -95,6 +95,34 @@ def _unbudgeted(wc):
     return WorkingContext.from_entries(wc.entries, wc.history_len, None, wc.block_size, wc.tail_tokens)
 
 
+class Focus:
+    """LensNet + the allocator, with the per-node memory LensNet's features read (each node's last
+    score and the refocus of its last change). One refocus() per refocus; the runtime and the
+    eval harness's `megacontext` method both go through it, so they focus the same way."""
+
+    def __init__(self, lensnet, allocator):
+        self.lensnet, self.allocator = lensnet, allocator
+        self.last_score, self.last_change = {}, {}  # node (level, index) -> last score / refocus of its last change
+        self.index = 0  # refocuses so far
+
+    def refocus(self, wc, store, embed_fn, tail_gists=None):
+        """Score wc (reading entry vectors from store) and apply the scores -> the allocator's Refocus."""
+        nodes = [(e.level, e.index) for e in wc.entries]
+        scores = self.lensnet.score_wc(
+            wc, store, embed_fn, tail_gists=tail_gists,
+            last_scores=np.array([self.last_score.get(v, 0.0) for v in nodes], dtype=np.float32),
+            last_change=np.array([self.index - self.last_change.get(v, -1) for v in nodes], dtype=np.float32))
+        result = self.allocator.refocus(wc, scores)
+        for v, score in zip(nodes, np.nan_to_num(np.asarray(scores, dtype=np.float64))):
+            self.last_score[v] = float(score)
+        seen = set(nodes)
+        for e in result.wc.entries:
+            if (e.level, e.index) not in seen:
+                self.last_change[(e.level, e.index)] = self.index
+        self.index += 1
+        return result
+
+
 class MegaContextRuntime:
     """Stream tokens into a tree and decode over its Working Context (see the module docstring)."""
 
@@ -138,7 +166,7 @@ class MegaContextRuntime:
         self.kv = KVCache(batch_size=1, num_heads=c.n_kv_head, seq_len=capacity, head_dim=c.n_embd // c.n_head,
                           num_layers=c.n_layer, device=self.device, dtype=COMPUTE_DTYPE)
         self.tail_cache = TailGistCache(tree, lod1_tail=lod1_tail) if lensnet is not None else None
-        self._last_score, self._last_change = {}, {}  # node -> LensNet's last score / refocus of its last change
+        self.focus = Focus(lensnet, allocator) if lensnet is not None else None
         self._refocus_index = 0
         self._pending = []           # generated tokens not yet in the tree (appended at each refocus)
         self._since_refocus = 0      # tokens of history since the last refocus
@@ -324,18 +352,10 @@ class MegaContextRuntime:
 
     # --- refocus ---
 
-    def _lens_scores(self, wc):
-        nodes = [(e.level, e.index) for e in wc.entries]
+    def _tail_gists(self):
         self.tail_cache.update()
         parts = [g for g in (self.tail_cache.lod2, self.tail_cache.lod1) if len(g)]
-        tail = torch.cat(parts) if parts else None
-        from megacontext.gistnet import token_embeddings
-        embed_fn = lambda ids: token_embeddings(self.model, ids.to(self.device))
-        r = self._refocus_index
-        return self.lensnet.score_wc(
-            wc, self.tree, embed_fn, tail_gists=tail,
-            last_scores=np.array([self._last_score.get(v, 0.0) for v in nodes], dtype=np.float32),
-            last_change=np.array([r - self._last_change.get(v, -1) for v in nodes], dtype=np.float32))
+        return torch.cat(parts) if parts else None
 
     @torch.no_grad()
     def refocus(self):
@@ -353,17 +373,11 @@ class MegaContextRuntime:
         before = {(e.level, e.index) for e in self.wc.entries}
         budget_collapses = sum(1 for e in grown.entries if e.level > 0 and (e.level, e.index) not in before)
         new, actions, fallback = grown, [], None
-        if self.lensnet is not None and len(grown):
-            scores = self._lens_scores(grown)
-            result = self.allocator.refocus(grown, scores)
+        if self.focus is not None and len(grown):
+            from megacontext.gistnet import token_embeddings
+            embed_fn = lambda ids: token_embeddings(self.model, ids.to(self.device))
+            result = self.focus.refocus(grown, self.tree, embed_fn, self._tail_gists())
             new, actions, fallback = result.wc, list(result.actions), result.fallback
-            nodes = [(e.level, e.index) for e in grown.entries]
-            for v, score in zip(nodes, np.nan_to_num(np.asarray(scores, dtype=np.float64))):
-                self._last_score[v] = float(score)
-            seen = set(nodes)
-            for e in new.entries:
-                if (e.level, e.index) not in seen:
-                    self._last_change[(e.level, e.index)] = self._refocus_index
         refocus_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         held = 0 if self.cached is None else 1 + self.cached.cost

@@ -46,10 +46,10 @@ def setup(upstream_fixtures):
     return model, tok, gistnet, corpus, token_bytes
 
 
-def run(setup, cfg=SMALL, gistnet=True, task_files=()):
+def run(setup, cfg=SMALL, gistnet=True, task_files=(), lensnet=None):
     model, tok, g, corpus, token_bytes = setup
     return mceval.evaluate(model, tok, dict(cfg), g if gistnet else None, task_files, token_bytes=token_bytes,
-                           progress=False, corpus=corpus)
+                           progress=False, corpus=corpus, lensnet=lensnet)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_same_seed_same_report(setup, report):
 def test_without_a_gistnet_gist_methods_are_absent(setup):
     r = run(setup, gistnet=False)
     assert r["methods"] == ["full", "recency", "meanpool"]
-    assert set(r["absent_methods"]) == {"gist_uniform", "oracle"} and "gist_uniform" not in r["bpb"]
+    assert set(r["absent_methods"]) == {"gist_uniform", "oracle", "megacontext"} and "gist_uniform" not in r["bpb"]
     assert r["delta_nll"]["gister"] == "meanpool"
 
 
@@ -173,3 +173,44 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
 def test_a_flag_typo_is_rejected_before_torch_is_imported():
     out, err = exit_before_torch("megacontext.eval", ["--out", "/tmp/unused", "--budget_tokenz=3"])
     assert out == "exit 2 False", out + err
+
+
+class ZeroScorer:
+    """A focus that never asks for anything: the allocator then only keeps the budget."""
+    gistnet_identity = None
+
+    def score_wc(self, wc, *args, **kwargs):
+        return np.zeros(len(wc), dtype=np.float32)
+
+
+def test_megacontext_with_a_silent_scorer_is_gist_uniform(setup):
+    # streaming in with no refocus actions must land on the recency layout gist_uniform reads
+    # (extend collapses oldest-first, which is what WorkingContext.recency builds)
+    cfg = dict(SMALL, methods=["gist_uniform", "megacontext"], refocus_every=32)
+    r = run(setup, cfg, lensnet=ZeroScorer())
+    assert r["methods"] == ["gist_uniform", "megacontext"] and "megacontext" not in r["absent_methods"]
+    assert r["bpb"]["megacontext"] == r["bpb"]["gist_uniform"]
+    assert r["needle_recall"]["megacontext"] == r["needle_recall"]["gist_uniform"]
+    assert r["swap_rate"]["megacontext"] == 0.0
+    assert r["focus"]["refocuses"] > 0 and r["focus"]["invalid_scores"] == 0
+
+
+def test_megacontext_with_a_lensnet_reports_focus_figures(setup, tmp_path):
+    from megacontext.lensnet import LensNet, LensNetConfig
+    model, tok, g, corpus, token_bytes = setup
+    lensnet = LensNet(LensNetConfig(n_embd=64, d_model=32, n_layer=1, n_head=2)).init_weights(seed=0)
+    with torch.no_grad():  # the head starts at zero (no opinion); give it large random scores so the allocator acts
+        lensnet.head.weight.normal_(0.0, 5.0)
+    cfg = dict(SMALL, methods=["recency", "gist_uniform", "megacontext"], allocator={"tau_expand": 0.0})
+    r = run(setup, cfg, lensnet=lensnet.eval())
+    assert set(r["bpb"]["megacontext"]) == set(r["bpb"]["recency"])
+    for key in ("swap_rate", "residency", "budget_utilization"):
+        assert 0.0 <= r[key]["megacontext"] <= 1.0, key
+    assert r["swap_rate"]["megacontext"] > 0, "the allocator never acted on large scores"
+    comp = r["lod_composition"]["megacontext"]["512"]
+    assert sum(comp.values()) <= 64 + 1e-9  # mean WC cost within W
+    paths = mceval.write_report(r, str(tmp_path))
+    assert "lod_composition_megacontext.png" in {p.split("/")[-1] for p in paths}
+    assert "## Focus" in (tmp_path / "report.md").read_text()
+    again = run(setup, cfg, lensnet=lensnet)
+    assert json.dumps(strip_timing(again), sort_keys=True) == json.dumps(strip_timing(r), sort_keys=True)
