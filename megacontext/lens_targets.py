@@ -12,7 +12,7 @@ scored tokens (horizon_mask) reading [BOS] + the WC + the horizon. The candidate
               siblings) collapsed
   u(c) = NLL(wc) - NLL(c)  in nats per horizon token (> 0: the change helps)
 All candidates of all WCs of a micro-batch go through the base model together, packed into
-right-padded batches of `batch_rows` rows (losses.pack_rows): a few forwards per micro-batch,
+right-padded batches of `batch_rows` rows (working_context.pack_batch): a few forwards per micro-batch,
 not one per candidate.
 
 Signed per-entry target t_i (the score LensNet should give; NaN where the entry has no action):
@@ -59,51 +59,47 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.base_inputs import gist_inputs
-from megacontext.losses import pack_rows
+from megacontext.working_context import TensorStore, pack_batch
 
 # -----------------------------------------------------------------------------
 # WCs as rows the base model reads
 
 
-def wc_row(wc, history, lod1, lod2, bos=None):
-    """The entries the base model reads for a WC over `history` (1-D token tensor) with its
-    (lod1, lod2) gists: runs of LOD0 tokens and gist vectors, BOS first when given."""
-    row = [] if bos is None else [torch.tensor([bos], dtype=torch.long, device=history.device)]
-    run_start = run_end = None
-    for e in wc.entries:
-        if e.level == 0:
-            run_start = e.start if run_start is None else run_start
-            run_end = e.end
-            continue
-        if run_start is not None:
-            row.append(history[run_start:run_end])
-            run_start = None
-        row.append((lod1 if e.level == 1 else lod2)[e.index])
-    if run_start is not None:
-        row.append(history[run_start:run_end])
-    return row
+def item_store(item):
+    """The TensorStore an item's WCs read from: its history tokens and (lod1, lod2) gists."""
+    return TensorStore(item["history"], item["lod1"], item["lod2"])
 
 
-def horizon_nlls(model, rows, horizons, horizon_masks, batch_rows=32):
-    """Mean NLL over each row's scored horizon tokens -> (R,) float32 tensor.
-    rows: R lists of entries; horizons (R, H) token ids; horizon_masks (R, H) bool (False = not
-    scored, e.g. the filler of a synthetic row). A row with no scored token gets NaN."""
+def horizon_nlls(model, wcs, stores, horizons, horizon_masks, bos_id=None, batch_rows=32):
+    """Mean NLL over each WC's scored horizon tokens -> (R,) float32 tensor.
+    wcs: R WorkingContexts, each read from stores[r] (rows [BOS] + WC + horizon, pack_batch);
+    horizons (R, H) token ids; horizon_masks (R, H) bool (False = not scored, e.g. the filler
+    of a synthetic row). A row with no scored token gets NaN."""
     base = getattr(model, "_orig_mod", model)
     device = base.get_device()
-    out = torch.empty(len(rows), dtype=torch.float32)
+    out = torch.empty(len(wcs), dtype=torch.float32)
     with torch.no_grad():
-        for k in range(0, len(rows), batch_rows):
+        for k in range(0, len(wcs), batch_rows):
             hz = horizons[k:k + batch_rows].to(device)
             hm = horizon_masks[k:k + batch_rows].to(device)
-            idx, targets, mask, vectors = pack_rows(rows[k:k + batch_rows], hz, base.config.n_embd, device)
+            batch = pack_batch(wcs[k:k + batch_rows], stores[k:k + batch_rows], hz, n_embd=base.config.n_embd,
+                               bos_id=bos_id, device=device)
+            idx, targets = batch["idx"], batch["targets"]
             first = (targets >= 0).float().argmax(1)  # position predicting horizon token 0
             cols = first[:, None] + torch.arange(hz.size(1), device=device)[None, :]
             targets.scatter_(1, cols, torch.where(hm, hz, torch.full_like(hz, -1)))
-            with gist_inputs(model, mask, vectors):
+            with gist_inputs(model, batch["gist_mask"], batch["gist_vectors"]):
                 losses = model(idx, targets, loss_reduction="none").view(idx.shape)
             n = hm.sum(1)
             out[k:k + len(hz)] = (losses.sum(1) / n.clamp(min=1)).float().cpu().masked_fill(n.cpu() == 0, float("nan"))
     return out
+
+
+def _bos_of(items):
+    bos = {it["bos"] for it in items}
+    if len(bos) > 1:
+        raise ValueError(f"items mix BOS ids {sorted(map(str, bos))}; score them in separate calls")
+    return bos.pop() if bos else None
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +149,7 @@ def counterfactual_targets(model, items, batch_rows=32, max_candidates=None, rng
     Returns a list of dicts per item: nll (base WC), targets (n,) float32 (NaN = no action or not
     sampled), actions, utilities (np.ndarray). max_candidates: keep a random subset per WC (rng:
     numpy Generator), to bound the cost of a step."""
-    rows, horizons, masks, owners = [], [], [], []
+    wcs, stores, horizons, masks, owners = [], [], [], [], []
     plans = []
     for k, item in enumerate(items):
         actions = candidates(item["wc"])
@@ -162,12 +158,14 @@ def counterfactual_targets(model, items, batch_rows=32, max_candidates=None, rng
             keep = np.sort(rng.choice(len(actions), max_candidates, replace=False))
             actions = [actions[j] for j in keep]
         plans.append(actions)
+        store = item_store(item)
         for wc in [item["wc"]] + [a[2] for a in actions]:
-            rows.append(wc_row(wc, item["history"], item["lod1"], item["lod2"], item["bos"]))
+            wcs.append(wc)
+            stores.append(store)
             horizons.append(item["horizon"])
             masks.append(item["horizon_mask"])
             owners.append(k)
-    nll = horizon_nlls(model, rows, torch.stack(horizons), torch.stack(masks), batch_rows).numpy()
+    nll = horizon_nlls(model, wcs, stores, torch.stack(horizons), torch.stack(masks), _bos_of(items), batch_rows).numpy()
     out, cursor = [], 0
     for item, actions in zip(items, plans):
         base_nll = float(nll[cursor])

@@ -67,7 +67,7 @@ from megacontext import base_inputs
 from megacontext.gistnet import token_embeddings
 from megacontext.lensnet import LensNet, LensNetConfig, entry_vectors, entry_features, tail_gists_of, mask_illegal
 from megacontext.lens_targets import (counterfactual_targets, attention_mass, attention_targets, lens_losses,
-                                      horizon_nlls, wc_row)
+                                      horizon_nlls, item_store)
 from megacontext.telemetry import Telemetry
 from megacontext.tree import BLOCK_SIZE
 from megacontext.variant import last_mc_file, load_base_weights
@@ -319,9 +319,9 @@ class LensNetVariant:
         for it, s in zip(items, scores):
             allocator.reset()
             focused.append(allocator.refocus(it["wc"], s).wc)
-        rows = [wc_row(wc, it["history"], it["lod1"], it["lod2"], it["bos"]) for wc, it in zip(focused, items)]
-        nll = horizon_nlls(self.model, rows, torch.stack([it["horizon"] for it in items]),
-                           torch.stack([it["horizon_mask"] for it in items]), cfg["batch_rows"]).numpy()
+        nll = horizon_nlls(self.model, focused, [item_store(it) for it in items],
+                           torch.stack([it["horizon"] for it in items]), torch.stack([it["horizon_mask"] for it in items]),
+                           items[0]["bos"] if items else None, cfg["batch_rows"]).numpy()
         gains, oracle, top1, pick = [], [], [], []
         for r, s, n, it in zip(results, raw, nll, items):
             gains.append(r["nll"] - float(n))

@@ -25,8 +25,7 @@ Training losses for GistNet (the base model frozen, gradients reaching GistNet t
 How a context is handed over: as a WorkingContext plus the store its tokens and gists come
 from (a TensorStore holding the GistNet outputs, so gradients reach GistNet);
 horizon_nll() packs WCs and horizons with working_context.pack_batch (one right-padded
-batch) and runs the model under base_inputs.gist_inputs. The old path, rows of raw entries
-packed by pack_rows(), stays only for megacontext/eval.py until it moves to pack_batch.
+batch) and runs the model under base_inputs.gist_inputs.
 
 This module owns these definitions. It never trains (no optimizer here), never reads
 files, and never picks which documents or positions are held out.
@@ -37,7 +36,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import norm
 from megacontext.base_inputs import gist_inputs
 from megacontext.gistnet import token_embeddings
@@ -58,90 +56,18 @@ def _as_token_tensor(tokens, device, what="tokens"):
     return t.long()
 
 
-def pack_rows(rows, horizons, n_embd, device):
-    """The old path (megacontext/eval.py's until it moves to working_context.pack_batch, which
-    replaces this): rows of entries + horizons (B, H) -> (idx, targets, gist_mask, gist_vectors).
-
-    A row is a list of entries, each either token ids (1-D integer tensor or list of ints, one
-    position per token) or gists (a float tensor (k, D) or (D,), one position per gist).
-    Row b occupies positions 0..P_b-1 with its entries, then its horizon minus the last token;
-    targets are -1 everywhere except the H positions that predict the horizon. Rows are
-    right-padded to a common length with token 0 and target -1."""
-    horizons = torch.as_tensor(horizons, device=device).long()
-    if horizons.ndim != 2 or horizons.size(0) != len(rows) or horizons.size(1) < 1:
-        raise ValueError(f"horizons must be (B, H) with B = {len(rows)} rows and H >= 1, got {tuple(horizons.shape)}")
-    H = horizons.size(1)
-    # first pass: per row, the token ids of every position (0 under gists, any valid id would do)
-    # and, per entry, either its gist tensor or the number of token positions it takes
-    parsed, gist_dtype = [], None
-    for b, row in enumerate(rows):
-        ids, pieces = [], []
-        for entry in row:
-            if isinstance(entry, torch.Tensor) and entry.is_floating_point():
-                gists = entry.unsqueeze(0) if entry.ndim == 1 else entry
-                if gists.ndim != 2 or gists.size(1) != n_embd:
-                    raise ValueError(f"a gist entry must be ({n_embd},) or (k, {n_embd}), got {tuple(entry.shape)}")
-                gist_dtype = gist_dtype or gists.dtype
-                ids.append(torch.zeros(len(gists), dtype=torch.long, device=device))
-                pieces.append(gists.to(device))
-            else:
-                toks = _as_token_tensor(entry, device, what=f"a token entry of row {b}")
-                ids.append(toks)
-                pieces.append(len(toks))
-        n_context = sum(len(x) for x in ids)
-        if n_context < 1:
-            raise ValueError(f"row {b} has no context entries; the first horizon token needs a position "
-                             f"to be predicted from")
-        parsed.append((ids, pieces, n_context))
-
-    T = max(n_context for *_, n_context in parsed) + H - 1
-    if T < 2:
-        raise ValueError("context + horizon must span at least 2 positions (GPT.forward needs T > 1)")
-    gist_dtype = gist_dtype or COMPUTE_DTYPE
-    B = len(rows)
-    idx = torch.zeros(B, T, dtype=torch.long, device=device)
-    targets = torch.full((B, T), -1, dtype=torch.long, device=device)
-    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
-    vector_rows = []
-    for b, (ids, pieces, P) in enumerate(parsed):
-        seq = torch.cat(ids + [horizons[b, :-1]])
-        idx[b, :len(seq)] = seq
-        targets[b, P - 1:P - 1 + H] = horizons[b]
-        # the vectors are built with cat, not in-place writes, so gradients reach the gist tensors
-        parts, is_gist = [], []
-        for piece in pieces:
-            if isinstance(piece, torch.Tensor):
-                parts.append(piece.to(gist_dtype))
-                is_gist.append(torch.ones(len(piece), dtype=torch.bool, device=device))
-            else:
-                parts.append(torch.zeros(piece, n_embd, dtype=gist_dtype, device=device))
-                is_gist.append(torch.zeros(piece, dtype=torch.bool, device=device))
-        parts.append(torch.zeros(T - P, n_embd, dtype=gist_dtype, device=device))
-        mask[b, :P] = torch.cat(is_gist)
-        vector_rows.append(torch.cat(parts))
-    return idx, targets, mask, torch.stack(vector_rows)
-
-
-def horizon_nll(model, contexts, horizons, stores=None, bos_id=None, length=None):
+def horizon_nll(model, contexts, horizons, stores, bos_id=None, length=None):
     """Mean NLL (nats/token) of each horizon given its context -> (B,) float32.
 
     contexts: B WorkingContexts, read from `stores` (one per WC, or one shared) and packed by
     pack_batch (bos_id, length: see there); horizons: (B, H) token ids. Differentiable with
-    respect to gists held in the stores. The old path: contexts are rows of entries
-    (pack_rows) and stores is None, for megacontext/eval.py until it moves to WCs."""
+    respect to gists held in the stores."""
     if len(contexts) == 0:
         raise ValueError("horizon_nll needs at least one context")
     base = getattr(model, "_orig_mod", model)
-    device = base.get_device()
-    if stores is None:
-        if any(isinstance(c, WorkingContext) for c in contexts):
-            raise ValueError("horizon_nll was given WorkingContexts without stores; pass stores= (the tree or "
-                             "TensorStore each WC reads its tokens and gists from)")
-        idx, targets, mask, vectors = pack_rows(contexts, horizons, base.config.n_embd, device)
-    else:
-        batch = pack_batch(contexts, stores, horizons, n_embd=base.config.n_embd, bos_id=bos_id, length=length,
-                           device=device)
-        idx, targets, mask, vectors = batch["idx"], batch["targets"], batch["gist_mask"], batch["gist_vectors"]
+    batch = pack_batch(contexts, stores, horizons, n_embd=base.config.n_embd, bos_id=bos_id, length=length,
+                       device=base.get_device())
+    idx, targets, mask, vectors = batch["idx"], batch["targets"], batch["gist_mask"], batch["gist_vectors"]
     with gist_inputs(model, mask, vectors):
         losses = model(idx, targets, loss_reduction="none")
     n_targets = (targets >= 0).sum(1)  # = H in every row
@@ -204,28 +130,6 @@ def delta_nll_layouts(t, context_tokens):
     return {"full": WorkingContext.uniform(t, 0, start=t - C), "lod1": WorkingContext.uniform(t, 1, start=t - C),
             "lod2": WorkingContext.uniform(t, 2, start=t - C),
             "drop": WorkingContext.uniform(t, 0, start=t - BLOCK_SIZE)}
-
-
-def gisted_contexts(model, gistnet, contexts, first_token=0, lods=(1, 2)):
-    """The old path (megacontext/eval.py's, for pack_rows rows): gists for every block except
-    the last of each context -> {lod: (B, k_lod, D)}, LOD2 as one gist per whole span with
-    LOD1 gists around them, in history order (see context_gists)."""
-    lod1, lod2 = context_gists(model, gistnet, contexts, first_token, lod2=2 in lods)
-    out = {}
-    if 1 in lods:
-        out[1] = lod1
-    if 2 in lods:
-        starts = lod2_span_starts(first_token, lod1.size(1))
-        if not starts:
-            out[2] = lod1
-        else:
-            pieces, cursor = [], 0
-            for j, s in enumerate(starts):
-                pieces += [lod1[:, cursor:s], lod2[:, j:j + 1]]
-                cursor = s + BLOCK_SIZE
-            pieces.append(lod1[:, cursor:])
-            out[2] = torch.cat(pieces, dim=1)
-    return out
 
 
 def _check_context(context_tokens, horizon):

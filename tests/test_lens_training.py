@@ -14,7 +14,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from megacontext.gistnet import GistNet, GistNetConfig, token_embeddings
-from megacontext.lens_targets import (wc_row, horizon_nlls, candidates, counterfactual_targets, signed_targets,
+from megacontext.lens_targets import (item_store, horizon_nlls, candidates, counterfactual_targets, signed_targets,
                                       attention_probs, attention_mass, attention_targets, lens_losses)
 from megacontext.working_context import WorkingContext
 
@@ -69,31 +69,33 @@ def test_candidates_are_legal_wcs_one_action_away():
             assert c.entries[members[0]].level == wc.levels[members[0]] + 1
 
 
-def per_token_nll(model, row, horizon):
-    """Per-token horizon NLL of one row, from the logits (an independent route to horizon_nlls' loss path)."""
+def per_token_nll(model, item, wc, horizon):
+    """Per-token horizon NLL of one WC, from the logits (an independent route to horizon_nlls' loss path)."""
     from megacontext.base_inputs import gist_inputs
-    from megacontext.losses import pack_rows
-    idx, targets, mask, vectors = pack_rows([row], horizon[None], D, "cpu")
-    with torch.no_grad(), gist_inputs(model, mask, vectors):
-        logp = torch.log_softmax(model(idx)[0].float(), -1)
-    where = (targets[0] >= 0).nonzero().squeeze(1)
-    return -logp[where].gather(1, targets[0, where, None]).squeeze(1)
+    from megacontext.working_context import pack_batch
+    batch = pack_batch([wc], item_store(item), horizon[None], n_embd=D, bos_id=item["bos"])
+    with torch.no_grad(), gist_inputs(model, batch["gist_mask"], batch["gist_vectors"]):
+        logp = torch.log_softmax(model(batch["idx"])[0].float(), -1)
+    targets = batch["targets"][0]
+    where = (targets >= 0).nonzero().squeeze(1)
+    return -logp[where].gather(1, targets[where, None]).squeeze(1)
 
 
 def test_horizon_nlls_count_only_scored_tokens_and_match_the_per_token_nll():
     from megacontext.losses import horizon_nll
     model = tiny_gpt()
     items = make_items(model)
-    rows = [wc_row(it["wc"], it["history"], it["lod1"], it["lod2"], it["bos"]) for it in items]
+    wcs, stores = [it["wc"] for it in items], [item_store(it) for it in items]
+    bos = items[0]["bos"]
     horizons = torch.stack([it["horizon"] for it in items])
     masks = torch.stack([it["horizon_mask"] for it in items])
-    nll = horizon_nlls(model, rows, horizons, masks, batch_rows=3)
-    for k in range(len(rows)):
-        expected = per_token_nll(model, rows[k], horizons[k])[masks[k]].mean()
+    nll = horizon_nlls(model, wcs, stores, horizons, masks, bos, batch_rows=3)
+    for k in range(len(wcs)):
+        expected = per_token_nll(model, items[k], wcs[k], horizons[k])[masks[k]].mean()
         assert nll[k].item() == pytest.approx(expected.item(), abs=1e-5)
-    everything = horizon_nlls(model, rows, horizons, torch.ones_like(masks))
-    assert torch.allclose(everything, horizon_nll(model, rows, horizons), atol=1e-5)
-    nothing = horizon_nlls(model, rows[:1], horizons[:1], torch.zeros_like(masks[:1]))
+    everything = horizon_nlls(model, wcs, stores, horizons, torch.ones_like(masks), bos)
+    assert torch.allclose(everything, horizon_nll(model, wcs, horizons, stores=stores, bos_id=bos), atol=1e-5)
+    nothing = horizon_nlls(model, wcs[:1], stores[:1], horizons[:1], torch.zeros_like(masks[:1]), bos)
     assert torch.isnan(nothing).all()
 
 
@@ -103,8 +105,8 @@ def test_batched_counterfactual_utilities_equal_one_candidate_at_a_time():
     results = counterfactual_targets(model, items, batch_rows=64)
     for item, result in zip(items, results):
         assert len(result["actions"]) == len(candidates(item["wc"])) > 0
-        one = lambda wc: horizon_nlls(model, [wc_row(wc, item["history"], item["lod1"], item["lod2"], item["bos"])],
-                                      item["horizon"][None], item["horizon_mask"][None], batch_rows=1).item()
+        one = lambda wc: horizon_nlls(model, [wc], [item_store(item)], item["horizon"][None], item["horizon_mask"][None],
+                                      item["bos"], batch_rows=1).item()
         base = one(item["wc"])
         assert result["nll"] == pytest.approx(base, abs=1e-5)
         for (kind, members, c), u in zip(result["actions"], result["utilities"]):

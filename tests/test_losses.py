@@ -2,9 +2,7 @@
 cross-entropy, ΔNLL@H's four NLLs equal hand-built working contexts (LOD1 gists, LOD2 gists on
 1024-token spans aligned to the document, dropped blocks), the deltas and recovered fractions
 follow DESIGN.md section 6, evaluate_delta_nll averages positions, and the training losses
-are differentiable into GistNet only. The WorkingContext path (pack_batch) gives exactly the
-inputs and NLLs of the old rows path (pack_rows) on the same layouts, as long as eval.py
-still uses the latter. A slow test trains GistNets on the fixture model."""
+are differentiable into GistNet only. A slow test trains GistNets on the fixture model."""
 import json
 
 import pytest
@@ -14,7 +12,7 @@ import torch.nn.functional as F
 from megacontext import losses
 from megacontext.base_inputs import gist_inputs
 from megacontext.gistnet import GistNet, GistNetConfig, token_embeddings
-from megacontext.working_context import pack_batch
+from megacontext.working_context import TensorStore, WorkingContext
 from nanochat.gpt import GPT, GPTConfig, norm
 
 D = 64
@@ -85,18 +83,20 @@ def gisted_row_by_hand(gists, last, horizon):
 
 def test_horizon_nll_of_a_token_row_is_plain_cross_entropy(model, document):
     context, horizon = document[:100], document[100:120]
-    got = losses.horizon_nll(model, [[context]], horizon[None])
+    got = losses.horizon_nll(model, [WorkingContext.uniform(100, 0)], horizon[None], stores=TensorStore(context))
     assert got.shape == (1,)
     want = horizon_nll_by_hand(model, document[:119], 100, horizon)
     assert abs(got.item() - want) < 1e-5
 
 
 def test_right_padded_batch_equals_rows_one_by_one(model, document, gistnet):
-    gists = gistnet(token_embeddings(model, document[:96].view(3, 32)), 1)
-    rows = [[document[:96]], [gists, document[96:128]], [document[64:96]], [document[:5], gists[1], document[5:9]]]
+    gists = gistnet(token_embeddings(model, document[:128].view(4, 32)), 1)
+    store = TensorStore(document[:128], gists)
+    wcs = [WorkingContext.uniform(96, 0), WorkingContext.from_entries([(1, 0), (1, 1), (1, 2), (0, 3)], 128, None),
+           WorkingContext.uniform(96, 0, start=64), WorkingContext.from_entries([(0, 0), (1, 1), (0, 2)], 96, None)]
     horizons = torch.stack([document[200:216]] * 4)
-    batched = losses.horizon_nll(model, rows, horizons)
-    singles = torch.cat([losses.horizon_nll(model, [row], horizons[:1]) for row in rows])
+    batched = losses.horizon_nll(model, wcs, horizons, stores=store)
+    singles = torch.cat([losses.horizon_nll(model, [wc], horizons[:1], stores=store) for wc in wcs])
     torch.testing.assert_close(batched, singles, rtol=0, atol=1e-5)
 
 
@@ -144,32 +144,6 @@ def test_lod2_uses_whole_document_aligned_spans(model, gistnet, document, metric
     # one block later the context starts at token 32: no span [1024k, 1024k + 1024) fits whole
     shifted = losses.delta_nll(model, gistnet, document, 1088 + 32, context_tokens=C, horizon=H)
     assert shifted["nll_lod2"] == shifted["nll_lod1"]
-
-
-@pytest.mark.parametrize("bos", [None, 5])
-def test_working_context_path_equals_the_rows_path(model, gistnet, document, bos):
-    t, C, H = 1088, 1088, 32  # a LOD2 span [0, 1024) plus LOD1 block 32 before the kept block
-    context, horizon = document[t - C:t], document[t:t + H]
-    with torch.no_grad():
-        lod1, lod2 = losses.context_gists(model, gistnet, context[None], first_token=t - C)
-        gists = losses.gisted_contexts(model, gistnet, context[None], first_token=t - C)
-    store = losses.context_store(context, lod1[0], lod2[0], t - C)
-    layouts = losses.delta_nll_layouts(t, C)
-    assert [layouts[k].cost for k in ("full", "lod1", "lod2", "drop")] == [C, 33 + 32, 2 + 32, 32]
-    wcs = [layouts[k] for k in ("full", "lod1", "lod2", "drop")]
-    last = context[-32:]
-    rows = [[context], [gists[1][0], last], [gists[2][0], last], [last]]
-    rows = rows if bos is None else [[[bos]] + row for row in rows]
-    horizons = horizon.expand(4, H)
-    old = losses.pack_rows(rows, horizons, D, "cpu")
-    new = pack_batch(wcs, store, horizons, n_embd=D, bos_id=bos)
-    for got, want in zip((new[k] for k in ("idx", "targets", "gist_mask", "gist_vectors")), old):
-        assert torch.equal(got, want)
-    with torch.no_grad():
-        assert torch.equal(losses.horizon_nll(model, wcs, horizons, stores=store, bos_id=bos),
-                           losses.horizon_nll(model, rows, horizons))
-    with pytest.raises(ValueError, match="without stores"):
-        losses.horizon_nll(model, wcs, horizons)
 
 
 def test_lod2_span_starts():
