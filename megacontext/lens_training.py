@@ -142,7 +142,8 @@ class LensNetVariant:
                f"({self.lensnet.num_params():,} params); GistNet {self.gistnet_identity} (frozen)")
         rank = get_dist_info()[1]
         run_name = cfg["run_name"] or (run_args.get("model_tag") or f"d{run_args.get('depth')}")
-        self.telemetry = Telemetry(run_name, config={"lensnet": cfg, "train": run_args}, enabled=rank == 0)
+        self.telemetry = Telemetry(run_name, config={"lensnet": cfg, "train": run_args}, enabled=rank == 0,
+                                   wandb=False)  # the trainer logs loss()'s metrics to its own wandb run
         return [dict(kind="adamw", params=list(self.lensnet.parameters()), lr=cfg["lr"],
                      betas=(0.9, 0.95), eps=1e-10, weight_decay=cfg["weight_decay"])]
 

@@ -132,7 +132,7 @@ class Telemetry:
     The summary statistics are gathered even when disabled, so a caller that does not want a
     file (a benchmark) still gets summary() and the target warnings."""
 
-    def __init__(self, run_name, config=None, enabled=True):
+    def __init__(self, run_name, config=None, enabled=True, wandb=True):
         self.enabled = enabled
         self.run_name = run_name
         self.wandb_run = None
@@ -155,7 +155,8 @@ class Telemetry:
                 break
             except FileExistsError:
                 self.path = os.path.join(run_logs, f"{run_name}-{stamp}-{k + 1}.jsonl")
-        if os.environ.get("MEGACONTEXT_ENABLE_WANDB") == "1":
+        # wandb=False: a training variant's records, which nanochat's trainer already logs to its own wandb run
+        if wandb and os.environ.get("MEGACONTEXT_ENABLE_WANDB") == "1":
             import wandb
             self.wandb_run = wandb.init(project="megacontext", name=run_name, config=config or {})
         self.log({"event": "start", "run": run_name, "config": config or {}})

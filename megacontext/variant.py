@@ -112,7 +112,8 @@ class MegaContextVariant:
                              f"use head: attention or mean_linear")
         rank = get_dist_info()[1]
         run_name = cfg["run_name"] or (run_args.get("model_tag") or f"d{run_args.get('depth')}")
-        self.telemetry = Telemetry(run_name, config={"megacontext": cfg, "train": run_args}, enabled=rank == 0)
+        self.telemetry = Telemetry(run_name, config={"megacontext": cfg, "train": run_args}, enabled=rank == 0,
+                                   wandb=False)  # the trainer logs loss()'s metrics to its own wandb run
         return [dict(kind="adamw", params=trainable, lr=cfg["lr"],
                      betas=(0.9, 0.95), eps=1e-10, weight_decay=cfg["weight_decay"])]
 

@@ -128,6 +128,24 @@ def drop_frozen_params(optimizer):
     optimizer.param_groups[:] = kept
 
 
+def variant_metrics_line(metrics):
+    """' | key: value' for each metric a variant's loss() returned (appended to the step line);
+    '' for none, so a vanilla run prints upstream's line."""
+    parts = []
+    for key, value in (metrics or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            parts.append(f"{key}: {value}")
+        else:
+            parts.append(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return "".join(f" | {p}" for p in parts)
+
+
+def variant_wandb_metrics(metrics):
+    """A variant's numeric metrics as 'variant/<key>' entries of the trainer's own wandb log."""
+    return {f"variant/{k}": v for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def variant_state_path(checkpoint_dir, step):
     return os.path.join(checkpoint_dir, f"mc_{step:06d}.pt")
 

@@ -411,6 +411,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
 
     variant_loss = getattr(variant, "loss", None)  # hook: a variant may replace the micro-batch loss
     variant_on_step = getattr(variant, "on_step", None)  # hook: per-step callback (telemetry)
+    variant_metrics = {}  # hook: what the variant's loss() reported for the last micro-batch, logged with the step
     train_losses = []  # raw per-step losses (last micro-batch), for callers and tests
 
     while True:
@@ -502,7 +503,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
             if variant_loss is None:
                 loss = model(x, y)
             else:
-                loss, _ = variant_loss(model, x, y)  # hook: variant loss for this micro-batch
+                loss, variant_metrics = variant_loss(model, x, y)  # hook: variant loss (and its metrics) for this micro-batch
             train_loss = loss.detach()
             loss = loss / grad_accum_steps  # backward sums grads over micro-steps, so normalize here
             if scaler is not None:
@@ -552,6 +553,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
         else:
             eta_str = ""
         epoch = f"{dataloader_state_dict['epoch']} pq: {dataloader_state_dict['pq_idx']} rg: {dataloader_state_dict['rg_idx']}"
+        eta_str += hooks.variant_metrics_line(variant_metrics)  # hook: the variant's metrics end the step line ('' for vanilla)
         print0(f"step {step:05d}/{num_iterations:05d} ({pct_done:.2f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | bf16_mfu: {mfu:.2f} | epoch: {epoch} | total time: {total_training_time/60:.2f}m{eta_str}")
         if step % 100 == 0:
             wandb_run.log({
@@ -564,6 +566,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
                 "train/tok_per_sec": tok_per_sec,
                 "train/mfu": mfu,
                 "train/epoch": epoch,
+                **hooks.variant_wandb_metrics(variant_metrics),  # hook: the variant's metrics in the trainer's wandb run
             })
         if variant_on_step is not None:
             variant_on_step(step, {"loss": train_loss_f, "lrm": lrm, "dt": dt})  # hook: per-step callback

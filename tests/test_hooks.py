@@ -138,3 +138,10 @@ def test_frozen_params_leave_the_optimizer_and_nothing_changes_when_none_are():
     c.requires_grad_(False)
     hooks.drop_frozen_params(opt)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [a]
+
+
+def test_variant_metrics_end_the_step_line_and_join_the_trainers_wandb_log():
+    metrics = {"phase": "delta_nll", "loss_ranking": 0.123456, "n_wcs": 4, "ok": True}
+    assert hooks.variant_metrics_line(metrics) == " | phase: delta_nll | loss_ranking: 0.1235 | n_wcs: 4 | ok: True"
+    assert hooks.variant_wandb_metrics(metrics) == {"variant/loss_ranking": 0.123456, "variant/n_wcs": 4}
+    assert hooks.variant_metrics_line({}) == "" and hooks.variant_wandb_metrics(None) == {}
