@@ -168,7 +168,8 @@ def make_case(kind, rng, tokenizer, corpus, history_tokens, depth):
         keys = set()
         while len(keys) < ASSOC_PAIRS:
             keys.add(_word(rng))
-        keys = sorted(keys, key=lambda _: rng.random())
+        keys = sorted(keys)  # a set iterates in hash order, which changes per process (PYTHONHASHSEED)
+        rng.shuffle(keys)
         values = [_digits(rng, 4) for _ in keys]
         asked = rng.randrange(ASSOC_PAIRS)
         table = "".join(f"{k}: {v}; " for k, v in zip(keys, values))
@@ -180,7 +181,9 @@ def make_case(kind, rng, tokenizer, corpus, history_tokens, depth):
         names = set()
         while len(names) < 5:
             names.add(_var(rng))
-        a, b, c, d1, d2 = sorted(names, key=lambda _: rng.random())
+        names = sorted(names)  # not the set's hash order (see assoc)
+        rng.shuffle(names)
+        a, b, c, d1, d2 = names
         value = _digits(rng, 5)
         # the chain starts at `depth`; its later links sit between there and the end
         later = sorted(depth + (1 - depth) * rng.random() * 0.9 for _ in range(2))

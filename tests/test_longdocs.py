@@ -112,6 +112,31 @@ def test_cases_are_deterministic_and_hold_the_answer_at_the_stated_depth(kind, t
     assert not np.array_equal(c.tokens, a.tokens)
 
 
+def test_cases_do_not_depend_on_the_process_hash_seed(upstream_fixtures):
+    # sets of strings iterate in an order that PYTHONHASHSEED changes: a case (and so a training
+    # row, and exact resume) must not depend on it
+    import subprocess, sys, os, hashlib
+    script = (
+        "import random, hashlib, numpy as np\n"
+        "from megacontext.synthetic import make_case, TASKS\n"
+        "from megacontext.longdocs import TokenCorpus\n"
+        "from nanochat.tokenizer import RustBPETokenizer\n"
+        f"tok = RustBPETokenizer.from_directory({str(upstream_fixtures / 'tokenizer')!r})\n"
+        "arrays = [((np.arange(3000) % 80) + 1 + 80 * d).astype(np.int64) for d in range(6)]\n"
+        "corpus = TokenCorpus([f'doc{d}' for d in range(6)], arrays, ['fake'] * 6)\n"
+        "h = hashlib.sha1()\n"
+        "for kind in TASKS:\n"
+        "    for k in range(3):\n"
+        "        h.update(make_case(kind, random.Random(k), tok, corpus, 600, 0.5).tokens.tobytes())\n"
+        "print(h.hexdigest())\n")
+    digests = set()
+    for seed in ("1", "2", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
+
+
 def test_case_too_short_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="too short for this task"):
         make_case("assoc", random.Random(0), tokenizer, fake_corpus(), 20, 0.5)
