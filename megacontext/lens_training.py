@@ -46,9 +46,10 @@ The `lensnet:` section of the run config (DEFAULTS below lists every key):
   ranking_temperature, w_regression, w_ranking, w_budget   the losses' knobs
   eval_every, eval_rows, eval_mixture, run_name
 
-Metrics: loss() returns (loss, metrics) with the three losses and target statistics; on_step
-writes them with the trainer's loss, lrm and dt to the run's telemetry JSONL (megacontext/telemetry.py:
-no wandb run of its own unless MEGACONTEXT_ENABLE_WANDB=1).
+Metrics: loss() returns (loss, metrics) with the three losses and target statistics; the trainer
+prints them at the end of its step line and logs them to its own wandb run (nanochat/hooks.py
+variant_metrics_line / variant_wandb_metrics); on_step also writes them, with the trainer's loss,
+lrm and dt, to the run's telemetry JSONL (megacontext/telemetry.py, which opens no wandb run here).
 
 What it owns: LensNet's weights, their optimizer group and checkpoint (mc_XXXXXX.pt beside
 upstream's files, with the GistNet identity), the sampling of JT2 examples and the JT2 telemetry.
