@@ -188,14 +188,7 @@ class FocusAllocator:
                     cooled += 1
                 elif s[k] > tau:
                     candidates.append((-s[k], k, 0, "expand", (e.level, e.index)))
-        k = 0
-        while k < len(wc):
-            group = wc.collapse_group(k)
-            if group is None:
-                k += 1
-                continue
-            first, stop, parent = group
-            k = stop
+        for first, stop, parent in wc.collapse_groups():
             if invalid[first:stop].any():
                 continue
             members = tuple((e.level, e.index) for e in wc.entries[first:stop])

@@ -119,15 +119,8 @@ def candidates(wc):
             freed = wc.collapse(oldest_lod0)
             if freed.can_expand(i):
                 out.append(("expand", (i,), freed.expand(i)))
-    i = 0
-    while i < len(wc):
-        group = wc.collapse_group(i)
-        if group is None:
-            i += 1
-            continue
-        first, stop, _ = group
+    for first, stop, _ in wc.collapse_groups():
         out.append(("collapse", tuple(range(first, stop)), wc.collapse(first)))
-        i = stop
     return out
 
 

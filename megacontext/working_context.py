@@ -434,17 +434,22 @@ class WorkingContext:
                 return None
         return first, stop, (2, j)
 
-    def collapsible_mask(self):
-        """(n,) bool: entries that are part of a group collapse() may merge."""
-        mask = np.zeros(len(self), dtype=bool)
+    def collapse_groups(self):
+        """Every group collapse() may merge, in history order, as (first, stop, parent) (see collapse_group)."""
         i = 0
         while i < len(self):
             group = self.collapse_group(i)
             if group is None:
                 i += 1
                 continue
-            mask[group[0]:group[1]] = True
+            yield group
             i = group[1]
+
+    def collapsible_mask(self):
+        """(n,) bool: entries that are part of a group collapse() may merge."""
+        mask = np.zeros(len(self), dtype=bool)
+        for first, stop, _ in self.collapse_groups():
+            mask[first:stop] = True
         return mask
 
     def collapse(self, i):
