@@ -9,12 +9,30 @@ nanochat itself never imports an extension. A run names its variant in its YAML 
 and returns an instance. `vanilla` is the identity and the default.
 
 A variant is a plain object; every member is optional, and nanochat calls only what exists:
-  build(model, config) -> list[dict]   attach modules, return extra optimizer param groups
-  loss(model, x, y) -> (loss, logs)    replace the training loss of one micro-batch
+  build(model, config, resuming) -> list[dict]   attach modules, return extra optimizer param
+                                       groups; resuming=True: the model already holds the
+                                       checkpoint's weights, so build must not reset them
+  train_loader(tokenizer, B, T, device, resume_state_dict) -> iterator of (x, y, state_dict)
+                                       the variant's own training data (as a data source's,
+                                       below); x and y may be anything its loss() reads
+  loss(model, batch, step) -> (loss, metrics)   replace the training loss of one micro-batch;
+                                       batch = (x, y) from the loader, step = the optimizer step.
+                                       metrics are printed at the end of the step line and
+                                       logged to the trainer's wandb run; metrics["tokens"] (the
+                                       positions the model really trained on in this micro-batch)
+                                       replaces B*T in tok/s and MFU
   on_step(step, metrics)               called after every optimizer step
+  finish()                             called once when training ends
   state_dict() / load_state_dict(sd)   its weights + resume state, saved as mc_XXXXXX.pt
+  max_nonfinite_steps (int attribute)  opt into the NaN/inf guard: a step whose loss or grads
+                                       are not finite is skipped (no parameter moves), counted
+                                       in variant.nonfinite_skipped; that many in a row stops
+                                       the run naming the last saved step
   chat_session(engine, config)         wrap the chat runtime (used by nanochat/chat.py)
-Keep this set as small as the call sites need (../shared/DESIGN.md section 3).
+The trainer clears every optimizer parameter's grad after each step (the variant's modules
+too), and a param group none of whose parameters got a grad this step (a module a phase
+froze) sits the step out. Keep this set as small as the call sites need (../shared/DESIGN.md
+section 3).
 
 A run config may also name a *data source* (a `data:` section with `source: NAME`), found the
 same way (entry-point group `nanochat.data_sources`, or a dotted path). It replaces the
@@ -87,22 +105,29 @@ def get_data_source(config):
     return factory(dict(config))
 
 
-def data_loaders(data_source, train_loader, build_val_loader, tokenizer, B, T, device, resume_state_dict):
+def data_loaders(data_source, train_loader, build_val_loader, tokenizer, B, T, device, resume_state_dict,
+                 variant=None):
     """The trainer's (train_loader, build_val_loader): its own when there is no data source
-    (unchanged, so a vanilla run is upstream's), else the data source's."""
-    if data_source is None:
-        return train_loader, build_val_loader
+    (unchanged, so a vanilla run is upstream's), else the data source's; a variant with its
+    own train_loader replaces the training stream either way (validation bpb keeps reading
+    the data source's or upstream's rows)."""
     from nanochat.common import print0
-    describe = getattr(data_source, "describe", None)
-    print0(f"Data: {describe() if describe else type(data_source).__name__}")
-    train_loader = data_source.train_loader(tokenizer, B, T, device, resume_state_dict)
-    return train_loader, lambda: data_source.val_loader(tokenizer, B, T, device)
+    if data_source is not None:
+        describe = getattr(data_source, "describe", None)
+        print0(f"Data: {describe() if describe else type(data_source).__name__}")
+        train_loader = data_source.train_loader(tokenizer, B, T, device, resume_state_dict)
+        build_val_loader = (lambda: data_source.val_loader(tokenizer, B, T, device))
+    variant_loader = getattr(variant, "train_loader", None)
+    if variant_loader is not None:
+        print0(f"Training data: variant '{getattr(variant, 'name', type(variant).__name__)}'s own loader")
+        train_loader = variant_loader(tokenizer, B, T, device, resume_state_dict)
+    return train_loader, build_val_loader
 
 
-def variant_param_groups(variant, model, config):
+def variant_param_groups(variant, model, config, resuming=False):
     """Let the variant attach its modules; return its extra optimizer groups (possibly [])."""
     build = getattr(variant, "build", None)
-    return list(build(model, config) or []) if build is not None else []
+    return list(build(model, config, resuming) or []) if build is not None else []
 
 
 def add_param_groups(optimizer, groups):
@@ -126,6 +151,89 @@ def drop_frozen_params(optimizer):
         if group["params"]:
             kept.append(group)
     optimizer.param_groups[:] = kept
+
+
+def trained_tokens(metrics, total_batch_size, micro_batches):
+    """Tokens trained in one optimizer step, for tok/s and MFU: the variant's metrics["tokens"]
+    (per micro-batch and rank) times the micro-batches of the step (grad accumulation x ranks),
+    else total_batch_size, as upstream counts."""
+    tokens = (metrics or {}).get("tokens")
+    return total_batch_size if tokens is None else int(tokens) * micro_batches
+
+
+def _grads_finite(params):
+    import torch
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack([g.float().abs().max() for g in grads])).all())
+
+
+def last_saved_step(checkpoint_dir):
+    from nanochat.checkpoint_manager import find_last_step
+    try:
+        return find_last_step(checkpoint_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def before_optimizer_step(variant, optimizer, train_loss, step, checkpoint_dir):
+    """
+    Right before optimizer.step(). With a variant that sets max_nonfinite_steps, a step whose
+    loss or grads hold NaN/inf loses every grad (so no parameter, and no optimizer state,
+    moves), is counted in variant.nonfinite_skipped, and returns the last finite loss in place
+    of the bad one, so the smoothed loss and the checkpoints stay finite; max_nonfinite_steps
+    such steps in a row stop the run naming the last saved step. All ranks decide together.
+    Then param groups without any grad (all of a vanilla run's have one) are set aside until
+    after_optimizer_step. Returns the loss to log.
+    """
+    import torch
+    limit = getattr(variant, "max_nonfinite_steps", None)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if limit:
+        bad = torch.tensor(0.0 if bool(torch.isfinite(train_loss).all()) and _grads_finite(params) else 1.0)
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            bad = bad.to(train_loss.device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if float(bad) > 0:
+            for p in params:
+                p.grad = None
+            variant.nonfinite_skipped = getattr(variant, "nonfinite_skipped", 0) + 1
+            variant.nonfinite_in_row = getattr(variant, "nonfinite_in_row", 0) + 1
+            if variant.nonfinite_in_row >= limit:
+                last = last_saved_step(checkpoint_dir)
+                where = (f"the last saved checkpoint is {checkpoint_dir} step {last} "
+                         f"(resume with --resume-from-step={last}, e.g. at a lower learning rate)") if last is not None \
+                    else f"no checkpoint was saved yet in {checkpoint_dir}"
+                raise RuntimeError(f"step {step}: the loss or its gradients were NaN/inf for {variant.nonfinite_in_row} "
+                                   f"steps in a row (max_nonfinite_steps={limit}), so training stops; {where}")
+            train_loss = getattr(variant, "last_finite_loss", torch.zeros_like(train_loss))
+        else:
+            variant.nonfinite_in_row = 0
+            variant.last_finite_loss = train_loss
+    idle = [g for g in optimizer.param_groups if all(p.grad is None for p in g["params"])]
+    if idle:
+        optimizer._all_param_groups = list(optimizer.param_groups)
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if not any(g is i for i in idle)]
+    return train_loss
+
+
+def after_optimizer_step(optimizer):
+    """Right after optimizer.step(): the groups set aside return in their order (the order
+    optimizer.state_dict() is saved in), and every parameter's grad is cleared, the
+    variant's modules outside the GPT included."""
+    everything = getattr(optimizer, "_all_param_groups", None)
+    if everything is not None:
+        optimizer.param_groups[:] = everything
+        del optimizer._all_param_groups
+    optimizer.zero_grad(set_to_none=True)
+
+
+def finish_variant(variant):
+    finish = getattr(variant, "finish", None)
+    if finish is not None:
+        finish()
 
 
 def variant_metrics_line(metrics):

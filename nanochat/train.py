@@ -258,7 +258,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
             num_fp8 = sum(1 for m in model.modules() if 'Float8' in type(m).__name__)
             print0(f"✓ FP8 training enabled ({args.fp8_recipe} scaling) - converted {num_fp8}/{num_linear} linear layers, skipped {num_linear - num_fp8} (too small)")
 
-    extra_groups = hooks.variant_param_groups(variant, model, vars(args))  # hook: variant attaches its modules
+    extra_groups = hooks.variant_param_groups(variant, model, vars(args), resuming)  # hook: variant attaches its modules (without resetting a resumed model)
     if resuming:
         hooks.load_variant_state(variant, checkpoint_dir, args.resume_from_step, device)  # hook: variant resume state
 
@@ -337,7 +337,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
             print0(f"No loader snapshot at {loader_path}: resuming the dataloader from the next row group, as upstream")
     train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=dataloader_resume_state_dict, exact_resume=True)
     build_val_loader = lambda: tokenizing_distributed_data_loader_bos_bestfit(tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
-    train_loader, build_val_loader = hooks.data_loaders(data_source, train_loader, build_val_loader, tokenizer, args.device_batch_size, args.max_seq_len, device, dataloader_resume_state_dict)  # hook: a run config's data source
+    train_loader, build_val_loader = hooks.data_loaders(data_source, train_loader, build_val_loader, tokenizer, args.device_batch_size, args.max_seq_len, device, dataloader_resume_state_dict, variant)  # hook: a run config's data source, or the variant's own loader
     x, y, dataloader_state_dict = next(train_loader)  # the first batch
 
     # Number of iterations: explicit, else from target FLOPs, else from the data:param ratio
@@ -503,7 +503,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
             if variant_loss is None:
                 loss = model(x, y)
             else:
-                loss, variant_metrics = variant_loss(model, x, y)  # hook: variant loss (and its metrics) for this micro-batch
+                loss, variant_metrics = variant_loss(model, (x, y), step)  # hook: variant loss (and its metrics) for this micro-batch
             train_loss = loss.detach()
             loss = loss / grad_accum_steps  # backward sums grads over micro-steps, so normalize here
             if scaler is not None:
@@ -519,6 +519,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
             if group['kind'] == 'muon':
                 group["momentum"] = muon_momentum
                 group["weight_decay"] = muon_weight_decay
+        train_loss = hooks.before_optimizer_step(variant, optimizer, train_loss, step, checkpoint_dir)  # hook: NaN/inf guard (opt-in), idle groups sit out
         if scaler is not None:
             scaler.unscale_(optimizer)
             # all ranks must agree to skip a step when any of them saw inf/nan
@@ -530,6 +531,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
         else:
             optimizer.step()
         model.zero_grad(set_to_none=True)
+        hooks.after_optimizer_step(optimizer)  # hook: idle groups back, every grad cleared (the variant's too)
         train_loss_f = train_loss.item()  # a host-device sync point
         synchronize()
         t1 = time.time()
@@ -541,8 +543,9 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
         smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
         debiased_smooth_loss = smooth_train_loss / (1 - ema_beta**(step + 1))
         pct_done = 100 * step / num_iterations
-        tok_per_sec = int(total_batch_size / dt)
-        flops_per_sec = num_flops_per_token * total_batch_size / dt
+        step_tokens = hooks.trained_tokens(variant_metrics, total_batch_size, grad_accum_steps * ddp_world_size)  # hook: what was really trained
+        tok_per_sec = int(step_tokens / dt)  # hook: step_tokens (= total_batch_size for vanilla)
+        flops_per_sec = num_flops_per_token * step_tokens / dt  # hook: step_tokens
         mfu = 100 * flops_per_sec / (gpu_peak_flops * ddp_world_size)
         if step > 10:
             total_training_time += dt  # the first steps include compilation, so they are not counted
@@ -587,6 +590,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
     print0(f"Total training time: {total_training_time/60:.2f}m")
     if val_bpb is not None:
         print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+    hooks.finish_variant(variant)  # hook: the variant's finish()
     wandb_run.finish()
     gc.enable()  # leave the interpreter as we found it when used as a library
     return {

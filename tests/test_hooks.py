@@ -19,7 +19,7 @@ class CountingVariant:
         self.config = config
         self.scale = torch.nn.Parameter(torch.ones(3))
 
-    def build(self, model, config):
+    def build(self, model, config, resuming=False):
         return [dict(kind="adamw", params=[self.scale], lr=0.1, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)]
 
     def state_dict(self):
@@ -32,7 +32,8 @@ class CountingVariant:
 def test_vanilla_is_default_and_has_no_hooks():
     v = hooks.get_variant()
     assert v.name == "vanilla"
-    for member in ("build", "loss", "on_step", "state_dict", "load_state_dict", "chat_session"):
+    for member in ("build", "train_loader", "loss", "on_step", "finish", "state_dict", "load_state_dict",
+                   "chat_session", "max_nonfinite_steps"):
         assert not hasattr(v, member)
     assert hooks.variant_param_groups(v, model=None, config={}) == []
     assert hooks.save_variant_state(v, "/nonexistent", 1) is None
@@ -125,7 +126,7 @@ def test_hook_surface_is_marked_and_nanochat_never_names_megacontext():
                 leaks.append(where)
     print("\nhook surface (%d lines):\n  %s" % (len(marked), "\n  ".join(marked)))
     assert not leaks, f"nanochat/ names megacontext outside hook lines: {leaks}"
-    assert 0 < len(marked) <= 30, f"hook surface should stay small, has {len(marked)} lines"
+    assert 0 < len(marked) <= 32, f"hook surface should stay small, has {len(marked)} lines"
 
 
 def test_frozen_params_leave_the_optimizer_and_nothing_changes_when_none_are():
@@ -145,3 +146,87 @@ def test_variant_metrics_end_the_step_line_and_join_the_trainers_wandb_log():
     assert hooks.variant_metrics_line(metrics) == " | phase: delta_nll | loss_ranking: 0.1235 | n_wcs: 4 | ok: True"
     assert hooks.variant_wandb_metrics(metrics) == {"variant/loss_ranking": 0.123456, "variant/n_wcs": 4}
     assert hooks.variant_metrics_line({}) == "" and hooks.variant_wandb_metrics(None) == {}
+
+
+def _adamw(*groups):
+    from nanochat.optim import MuonAdamW
+    return MuonAdamW([dict(kind="adamw", params=list(g), lr=0.1, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+                      for g in groups])
+
+
+def test_a_group_without_grads_sits_the_step_out_and_keeps_its_place():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = _adamw([a], [b])
+    a.grad = torch.ones(3)  # b's module was frozen this step: no grad
+    loss = hooks.before_optimizer_step(hooks.get_variant(), opt, torch.tensor(1.0), 0, "/nonexistent")
+    assert float(loss) == 1.0 and len(opt.param_groups) == 1
+    opt.step()
+    hooks.after_optimizer_step(opt)
+    assert [g["params"] for g in opt.param_groups] == [[a], [b]]  # the saved order
+    assert not torch.equal(a.detach(), torch.ones(3)) and torch.equal(b.detach(), torch.ones(2))
+    assert a.grad is None and b not in opt.state
+    b.grad = torch.ones(2)  # a later phase trains it: no crash, it steps
+    a.grad = torch.ones(3)
+    hooks.before_optimizer_step(hooks.get_variant(), opt, torch.tensor(1.0), 1, "/nonexistent")
+    opt.step()
+    hooks.after_optimizer_step(opt)
+    assert not torch.equal(b.detach(), torch.ones(2))
+
+
+def test_nonfinite_guard_skips_the_step_then_stops_naming_the_last_checkpoint(tmp_path):
+    class Guarded:
+        name = "guarded"
+        max_nonfinite_steps = 2
+    v = Guarded()
+    a = torch.nn.Parameter(torch.ones(3))
+    opt = _adamw([a])
+    a.grad = torch.ones(3)
+    assert float(hooks.before_optimizer_step(v, opt, torch.tensor(2.5), 0, str(tmp_path))) == 2.5
+    opt.step()
+    hooks.after_optimizer_step(opt)
+    good = a.detach().clone()
+    state = {k: t.clone() if torch.is_tensor(t) else t for k, t in opt.state[a].items()}
+    a.grad = torch.tensor([1.0, float("nan"), 1.0])  # NaN in a grad, finite loss
+    logged = hooks.before_optimizer_step(v, opt, torch.tensor(3.0), 1, str(tmp_path))
+    opt.step()
+    hooks.after_optimizer_step(opt)
+    assert float(logged) == 2.5 and v.nonfinite_skipped == 1  # the last finite loss is what gets logged
+    assert torch.equal(a.detach(), good) and all(torch.equal(opt.state[a][k], t) if torch.is_tensor(t) else opt.state[a][k] == t
+                                                   for k, t in state.items())
+    a.grad = torch.ones(3)  # a good step resets the run of bad ones
+    hooks.before_optimizer_step(v, opt, torch.tensor(2.0), 2, str(tmp_path))
+    assert v.nonfinite_in_row == 0
+    hooks.after_optimizer_step(opt)
+    for step in (3, 4):
+        a.grad = torch.ones(3)
+        try:
+            hooks.before_optimizer_step(v, opt, torch.tensor(float("inf")), step, str(tmp_path))
+        except RuntimeError as e:
+            assert step == 4 and "step 4" in str(e) and "2 steps in a row" in str(e)
+            assert "no checkpoint was saved yet" in str(e)
+        else:
+            assert step == 3
+        hooks.after_optimizer_step(opt)
+    assert v.nonfinite_skipped == 3
+
+
+def test_vanilla_has_no_guard_and_counts_upstreams_tokens():
+    a = torch.nn.Parameter(torch.ones(3))
+    opt = _adamw([a])
+    a.grad = torch.ones(3)
+    assert torch.isnan(hooks.before_optimizer_step(hooks.get_variant(), opt, torch.tensor(float("nan")), 0, "/x"))
+    assert hooks.trained_tokens({}, 4096, 8) == 4096
+    assert hooks.trained_tokens({"tokens": 300, "phase": "joint"}, 4096, 8) == 2400
+
+
+def test_the_variants_loader_replaces_the_training_stream_only():
+    class Fed:
+        name = "fed"
+
+        def train_loader(self, tokenizer, B, T, device, resume_state_dict):
+            return iter([("mine", B, T)])
+    trainer_train, trainer_val = iter(["upstream"]), (lambda: iter(["val"]))
+    train, build_val = hooks.data_loaders(None, trainer_train, trainer_val, None, 2, 8, "cpu", None, variant=Fed())
+    assert next(train) == ("mine", 2, 8) and next(build_val()) == "val"
+    train, _ = hooks.data_loaders(None, trainer_train, trainer_val, None, 2, 8, "cpu", None, variant=hooks.get_variant())
+    assert next(train) == "upstream"
