@@ -72,6 +72,7 @@ from megacontext.lens_targets import (counterfactual_targets, attention_mass, at
 from megacontext.telemetry import Telemetry
 from megacontext.tree import BLOCK_SIZE
 from megacontext.variant import last_mc_file, load_base_weights
+from megacontext.window_loader import history_horizon
 from megacontext.working_context import WorkingContext, TensorStore
 
 TARGETS = ("counterfactual", "attention", "mixed")
@@ -114,8 +115,9 @@ class LensNetVariant:
     # -------------------------------------------------------------------------
     # hooks called by nanochat/train.py
 
-    def build(self, model, run_args):
-        """Load and freeze the base model and the GistNet, create LensNet; return its group."""
+    def build(self, model, run_args, resuming=False):
+        """Load and freeze the base model (unless resuming: the checkpoint's weights are loaded
+        already) and the GistNet, create LensNet; return its group."""
         from megacontext.ingest import load_gister
         cfg = self.config
         room = model.config.sequence_len + 1 - (1 if cfg["long_documents"] else 0)
@@ -126,7 +128,8 @@ class LensNetVariant:
         if not cfg["gistnet"]:
             raise ValueError("lensnet.gistnet is required: the JT1 GistNet whose gists LensNet scores (a model tag "
                              "such as longctx_cpu_gistnet, or a path to its mc_XXXXXX.pt)")
-        self._load_base_weights(model, run_args)
+        if not resuming:
+            self._load_base_weights(model, run_args)
         model.requires_grad_(False)
         base_inputs.attach(model)
         self.model = model
@@ -148,16 +151,17 @@ class LensNetVariant:
         return [dict(kind="adamw", params=list(self.lensnet.parameters()), lr=cfg["lr"],
                      betas=(0.9, 0.95), eps=1e-10, weight_decay=cfg["weight_decay"])]
 
-    def loss(self, model, x, y):
+    def loss(self, model, batch, step):
         """JT2 loss of one micro-batch (model is ignored: the uncompiled base reads variable shapes)."""
         cfg = self.config
-        rng = np.random.default_rng([cfg["seed"], self.step, self.micro])
+        x, y = batch
+        rng = np.random.default_rng([cfg["seed"], step, self.micro])
         self.micro += 1
         t0 = time.time()
         items = self._items(x, y, rng, n_wcs=cfg["wcs_per_row"])
         target = cfg["target"]
         if target == "mixed":
-            target = "attention" if self.step < cfg["attention_steps"] else "counterfactual"
+            target = "attention" if step < cfg["attention_steps"] else "counterfactual"
         if target == "attention":
             targets = self._attention_targets(items)
             base_nll = []
@@ -185,8 +189,6 @@ class LensNetVariant:
         return loss, metrics
 
     def on_step(self, step, metrics):
-        # LensNet lives outside the GPT, whose grads the loop clears; clear its own after the step
-        self.lensnet.zero_grad(set_to_none=True)
         cfg = self.config
         record = {**self.last_metrics, **metrics}
         if cfg["eval_every"] > 0 and (step + 1) % cfg["eval_every"] == 0:
@@ -222,20 +224,8 @@ class LensNetVariant:
         rows = torch.cat([x, y[:, -1:]], dim=1)
         supervised = torch.cat([torch.zeros_like(y[:, :1], dtype=torch.bool), y >= 0], dim=1)
         skip = 1 if cfg["long_documents"] else 0
-        L, H = cfg["history_tokens"], cfg["horizon"]
-        out = []
-        for r in range(rows.size(0)):
-            t = skip + L
-            sup = supervised[r]
-            if not bool(sup[skip + 1:].all()):  # a synthetic row: the horizon on the end of its first scored span
-                where = torch.nonzero(sup).squeeze(1)
-                if len(where):
-                    first = int(where[0])
-                    gaps = torch.nonzero(~sup[first:]).squeeze(1)
-                    end = first + (int(gaps[0]) if len(gaps) else len(sup) - first)
-                    t = min(max(end - cfg["answer_tokens"], first, skip + cfg["min_history"]), skip + L)
-            out.append((rows[r, skip:t], rows[r, t:t + H], sup[t:t + H]))
-        return out
+        return [history_horizon(rows[r], supervised[r], cfg["history_tokens"], cfg["horizon"], cfg["min_history"],
+                                cfg["answer_tokens"], skip) for r in range(rows.size(0))]
 
     @torch.no_grad()
     def _gists(self, histories):

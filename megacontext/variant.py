@@ -1,9 +1,11 @@
 """
 The `megacontext` variant: MegaContext's entry into nanochat's training loop.
 
-nanochat finds this class by name (entry point `nanochat.variants` in pyproject.toml) when a
+nanochat finds make_variant by name (entry point `nanochat.variants` in pyproject.toml) when a
 run config says `variant: megacontext`, and calls the members listed in nanochat/hooks.py.
-Today the variant runs JT1: GistNet training on top of a frozen, pretrained base model.
+A `megacontext:` section with `phases:` is end-to-end training (megacontext/end_to_end.py);
+without, it is JT1, this file's MegaContextVariant: GistNet training on top of a frozen,
+pretrained base model.
 
     python -m nanochat.train --config configs/gistnet_cpu_tiny.yaml
 
@@ -58,6 +60,14 @@ DEFAULTS = dict(
 POOLING_AT_TARGET = 1e-8  # pooling_mse below this: the head already is the mean pool
 
 
+def make_variant(config):
+    """`variant: megacontext`: end-to-end training when the section lists phases, else JT1."""
+    if "phases" in (config or {}):
+        from megacontext.end_to_end import EndToEndVariant
+        return EndToEndVariant(config)
+    return MegaContextVariant(config)
+
+
 class MegaContextVariant:
     name = "megacontext"
 
@@ -80,8 +90,9 @@ class MegaContextVariant:
     # -------------------------------------------------------------------------
     # hooks called by nanochat/train.py
 
-    def build(self, model, run_args):
-        """Load the base weights, freeze them, attach gist inputs, create GistNet; return its group."""
+    def build(self, model, run_args, resuming=False):
+        """Load the base weights (unless resuming: the checkpoint's are loaded already), freeze
+        them, attach gist inputs, create GistNet; return its group."""
         cfg = self.config
         window = cfg["context_tokens"] + cfg["horizon"]
         # a row of the trainer holds max_seq_len + 1 tokens (x plus y's last); long-document rows spend one on BOS
@@ -91,7 +102,8 @@ class MegaContextVariant:
                              f"holds (max_seq_len {model.config.sequence_len}"
                              f"{' + 1 - the BOS' if cfg['long_documents'] else ' + 1'}); lower megacontext.context_tokens "
                              f"or megacontext.horizon")
-        self._load_base_weights(model, run_args)
+        if not resuming:
+            self._load_base_weights(model, run_args)
         model.requires_grad_(False)  # JT1: the base model is frozen (hooks.drop_frozen_params takes it out)
         base_inputs.attach(model)  # before torch.compile, as base_inputs requires
         self.model = model
@@ -125,11 +137,11 @@ class MegaContextVariant:
         bos = int(rows[0, 0]) if cfg["long_documents"] else None
         return rows[:, skip:skip + cfg["context_tokens"] + cfg["horizon"]], bos
 
-    def loss(self, model, x, y):
+    def loss(self, model, batch, step):
         """JT1 loss of one micro-batch (model is ignored: we use the uncompiled base, shapes vary)."""
         cfg = self.config
-        windows, bos = self._windows(x, y)
-        if self.step < cfg["pooling_mse_steps"]:
+        windows, bos = self._windows(*batch)
+        if step < cfg["pooling_mse_steps"]:
             blocks = windows[:, :cfg["context_tokens"]].reshape(-1, BLOCK_SIZE)
             with torch.no_grad():
                 inputs = token_embeddings(self.model, blocks)
@@ -147,11 +159,8 @@ class MegaContextVariant:
         return loss, {"phase": "delta_nll"}
 
     def on_step(self, step, metrics):
-        # nanochat's loop clears the GPT's grads (model.zero_grad); GistNet lives outside the GPT,
-        # so its grads are cleared here, after the optimizer step, or they would pile up across steps
-        self.gistnet.zero_grad(set_to_none=True)
         cfg = self.config
-        phase = "pooling_mse" if self.step < cfg["pooling_mse_steps"] else "delta_nll"
+        phase = "pooling_mse" if step < cfg["pooling_mse_steps"] else "delta_nll"
         record = {"phase": phase, **metrics}
         if cfg["eval_every"] > 0 and (step + 1) % cfg["eval_every"] == 0:
             record.update({f"val_{k}": v for k, v in self.evaluate().items()})

@@ -21,6 +21,8 @@ ranks together see the single-process stream, interleaved).
 
 Two ways out:
     window_batches(...)   (history (B, L), horizon (B, H), state) for MegaContext training
+    example_batches(...)  whole rows with their supervision and row ids (the megacontext
+                          variant's own loader); history_horizon() cuts one into an example
     LongDocSource         the `data:` section of a nanochat.train run config, e.g.
                               data: {source: longdocs, mixture: {natural: 0.5, passkey: 0.2}}
                           yielding (x, y, state) like nanochat's own loader, so the vanilla
@@ -139,8 +141,11 @@ def _dist_info():
 
 
 def _batches(stream, B, start, device):
-    """(batch (B, row_tokens) int64 on device, supervised (B, row_tokens) bool, state) forever;
-    state points at the next row."""
+    """(batch (B, row_tokens) int64 on device, supervised (B, row_tokens) bool, state, row_ids (B,))
+    forever. As nanochat's loader, state["exact"] is the position just before this batch (resuming
+    from it yields this batch again: nanochat.train saves the state of the batch its next step
+    will train on), while state["pq_idx"] (the meta file's copy) points after it, so a resume
+    without the snapshot skips ahead the way upstream's approximate resume does."""
     rank, world = _dist_info()
     rows = stream.rows(start, rank, world, with_targets=True)
     use_cuda = str(device).startswith("cuda")
@@ -158,8 +163,8 @@ def _batches(stream, B, start, device):
         # "exact" is what nanochat.train saves as loader_XXXXXX_rankR.pt; rows have no packing buffer
         # (the empty one keeps the trainer's snapshot writer, made for nanochat's loader, happy)
         state = {"epoch": 1, "pq_idx": next_row - rank, "rg_idx": 0,
-                 "exact": {"next_row": next_row - rank, "buffer": []}}
-        yield batch, supervised, state
+                 "exact": {"next_row": picked[0][0] - rank, "buffer": []}}
+        yield batch, supervised, state, torch.tensor([row for row, *_ in picked], dtype=torch.long)
 
 
 def _targets(batch, supervised):
@@ -174,8 +179,44 @@ def window_batches(tokenizer, B, history_tokens, horizon_tokens, split="train", 
     """Yield (history (B, L), horizon (B, H), state): L + H tokens of one document per row, BOS first."""
     stream = RowStream(tokenizer, history_tokens + horizon_tokens, split, mixture, seed, sources)
     start = (resume_state_dict or {}).get("exact", {}).get("next_row", 0)
-    for batch, _, state in _batches(stream, B, start, device):
+    for batch, _, state, _ in _batches(stream, B, start, device):
         yield batch[:, :history_tokens].contiguous(), batch[:, history_tokens:].contiguous(), state
+
+
+def history_horizon(row, supervised, history_tokens, horizon, min_history, answer_tokens, skip=1):
+    """One training example from a row: (history, horizon (H,), horizon_mask (H,) bool).
+
+    history = the row from `skip` (1: after its BOS) up to t, horizon = the next H tokens,
+    scored where the row is supervised. t = skip + history_tokens, except in a synthetic row
+    (not supervised everywhere): there t is answer_tokens before the end of its first
+    supervised span, kept within [skip + min_history, skip + history_tokens] and not before
+    the span, so the history ends with the question and the horizon holds the answer."""
+    t = skip + history_tokens
+    if not bool(supervised[skip + 1:].all()):
+        where = torch.nonzero(supervised).squeeze(1)
+        if len(where):
+            first = int(where[0])
+            gaps = torch.nonzero(~supervised[first:]).squeeze(1)
+            end = first + (int(gaps[0]) if len(gaps) else len(supervised) - first)
+            t = min(max(end - answer_tokens, first, skip + min_history), skip + history_tokens)
+    return row[skip:t], row[t:t + horizon], supervised[t:t + horizon]
+
+
+def example_batches(tokenizer, B, row_tokens, split="train", device="cpu", mixture=None, seed=0,
+                    resume_state_dict=None, sources=SOURCES):
+    """Yield (rows (B, row_tokens), (supervised (B, row_tokens) bool, row_ids (B,) int64), state)
+    forever: whole rows with their supervision and their index in the stream (a pure function
+    of (seed, split, index), so an example drawn from row i is the same on any number of ranks).
+    Resumes exactly from state (state["exact"]["next_row"])."""
+    stream = RowStream(tokenizer, row_tokens, split, mixture, seed, sources)
+    if stream.skipped:
+        print(f"long documents: {len(stream.skipped)} {split} documents shorter than {row_tokens} tokens are "
+              f"used only as synthetic filler")
+    start = (resume_state_dict or {}).get("exact", {}).get("next_row")
+    if start is None:
+        start = (resume_state_dict or {}).get("pq_idx", 0)
+    for batch, supervised, state, row_ids in _batches(stream, B, start, device):
+        yield batch, (supervised, row_ids), state
 
 
 class LongDocSource:
@@ -214,12 +255,12 @@ class LongDocSource:
         start = (resume_state_dict or {}).get("exact", {}).get("next_row")
         if start is None:  # a meta file without the snapshot still names the next row
             start = (resume_state_dict or {}).get("pq_idx", 0)
-        for batch, supervised, state in _batches(stream, B, start, device):
+        for batch, supervised, state, _ in _batches(stream, B, start, device):
             yield batch[:, :-1].contiguous(), _targets(batch, supervised), state
 
     def val_loader(self, tokenizer, B, T, device):
         """(x, y) of the val split: the same rows every time it is built."""
         stream = RowStream(tokenizer, T + 1, "val", self.mixture, self.val_seed, self.sources,
                            synthetic_targets=self.synthetic_targets)
-        for batch, supervised, _ in _batches(stream, B, 0, device):
+        for batch, supervised, _, _ in _batches(stream, B, 0, device):
             yield batch[:, :-1].contiguous(), _targets(batch, supervised)

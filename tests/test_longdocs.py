@@ -194,10 +194,12 @@ def test_rank_sharding_and_exact_resume(tokenizer, monkeypatch):
     x2, y2, state2 = batches[2]
     kept = y2[:, :-1] >= 0  # synthetic rows mask their filler with -1
     assert x2.shape == (2, 256) and x2.is_contiguous() and (x2[:, 1:][kept] == y2[:, :-1][kept]).all()
-    resumed = source.train_loader(tokenizer, 2, 256, "cpu", resume_state_dict=batches[1][2])
+    # the exact snapshot yields its own batch again (as nanochat's loader: the trainer saves the state of
+    # the batch its next step trains on)
+    resumed = source.train_loader(tokenizer, 2, 256, "cpu", resume_state_dict=batches[2][2])
     x, y, _ = next(resumed)
     assert (x == x2).all() and (y == y2).all()
-    # the meta file's copy of the state (without "exact") resumes at the same row
+    # the meta file's copy of the state (without "exact") resumes after its batch, like upstream's
     resumed = source.train_loader(tokenizer, 2, 256, "cpu", resume_state_dict={k: v for k, v in batches[1][2].items() if k != "exact"})
     assert (next(resumed)[0] == x2).all()
     # windows: (history, horizon) from one row, BOS first
