@@ -3,8 +3,9 @@ The long-context evaluation harness: every MegaContext method side by side at on
 
     python -m megacontext.eval --config configs/eval_cpu.yaml --out DIR [--key=value ...] [--tasks FILE.jsonl]
 
-It loads a base model (base_checkpoints/<model_tag>) and optionally a trained GistNet
-(mc_XXXXXX.pt of a JT1 run), and scores every method on the same held-out positions at the
+It loads a base model (base_checkpoints/<model_tag>), optionally the LoRA of an end-to-end run
+(`lora`: every method then reads the base through it), and optionally a trained GistNet
+(mc_XXXXXX.pt of a JT1 or end-to-end run), and scores every method on the same held-out positions at the
 same budget W (`budget_tokens`, token-equivalents: a LOD0 token costs 1, a gist costs 1):
 
     full          the whole history as tokens (only where history + horizon fits max_seq_len)
@@ -76,6 +77,7 @@ DEFAULTS = {
     "step": None,                 # checkpoint step (None = last)
     "gistnet": None,              # a JT1 run's model tag (its last mc_XXXXXX.pt) or a .pt path; None = no gist methods
     "lensnet": None,              # a JT2 run's model tag (its last mc_XXXXXX.pt) or a .pt path; None = no megacontext method
+    "lora": None,                 # an end-to-end run's model tag (or mc path) whose LoRA every method reads the base through
     "refocus_every": 32,          # K: tokens between refocuses of the megacontext method (as the runtime's K)
     "allocator": {},              # megacontext.allocator.AllocatorConfig fields (empty = its defaults)
     "device_type": "",            # cuda | cpu | mps ("" = autodetect)
@@ -906,6 +908,10 @@ def main(argv=None):
             raise FileNotFoundError(f"no base checkpoint at {ckpt_dir}; train the testbed with "
                                     f"`python -m nanochat.train --config configs/longctx_cpu.yaml` (or set model_tag)")
         model, tokenizer, _ = load_model("base", device, phase="eval", model_tag=cfg["model_tag"], step=cfg["step"])
+        if cfg["lora"]:  # every method, full and recency included, reads the same model: the base + this LoRA
+            from megacontext.end_to_end import attach_trained_lora
+            lora, lora_path = attach_trained_lora(model, cfg["lora"])
+            print(f"LoRA: rank {lora.config.rank} on {', '.join(lora.config.targets)} from {lora_path}")
         gistnet = None
         if cfg["gistnet"]:
             from megacontext.ingest import load_gister  # the one loader of GistNet checkpoints

@@ -4,6 +4,7 @@ MegaContext benchmarks (figures, not tests): ingest speed and memory, and gist q
     python -m scripts.bench_megacontext ingest --model-tag cpu_tiny [--gistnet mc_000100.pt] [--tokens 1000000]
     python -m scripts.bench_megacontext delta-nll --model-tag cpu_tiny --gistnet PATH/mc_000100.pt
     python -m scripts.bench_megacontext decode [--model-tag TAG] [--histories 1000,100000,1000000]
+    python -m scripts.bench_megacontext step --config configs/megacontext_cpu.yaml [--rounds 10]
 
 ingest and delta-nll read the base model from $NANOCHAT_BASE_DIR/base_checkpoints/<tag> (decode
 does when --model-tag is given, else it builds a random GPT from flags) and print their figures; --record also appends them as a dated section (commit, device, command) to
@@ -29,6 +30,14 @@ decode: the runtime's decode cost as a function of history length (megacontext/r
   LensNet with a random head: its choices mean nothing, but it acts, so its latency and the
   recompute share under changing focus are real; none = frozen focus. The last line is
   `decode tok/s 1M/1k: X.XX, peak RSS 1M/1k: Y.YY` (largest history over smallest).
+step: the cost of one end-to-end MegaContext training step (megacontext/end_to_end.py, the run
+  config's `megacontext:` section and model shape) against one vanilla step over the same rows:
+  B x WCs-per-row rows of 1 + W + H - 1 positions, forward + backward + optimizer step of the whole
+  base model. The same model (compiled unless NANOCHAT_COMPILE=0) runs both, interleaved
+  (vanilla, then each phase, per round; warm-up rounds first), so load on a shared machine hits
+  them alike. Per phase it prints the median step time, the ratio to vanilla and where the time
+  goes (gists, WC layouts + LensNet refocus, base model forward/backward, LensNet loss, optimizer).
+  The last line is `step cost ratio megacontext/vanilla: X.XX` for the phase that costs most.
 """
 
 import os
@@ -381,6 +390,116 @@ per refocus / slots held; "full" = the whole WC recomputed at every refocus.
           f"peak RSS {_history_label(hi)}/{_history_label(lo)}: {figures[hi][1] / figures[lo][1]:.2f}")
 
 
+def bench_step(args):
+    """End-to-end step vs vanilla step over the same WC rows (module docstring)."""
+    import torch
+    from nanochat import hooks
+    from nanochat.common import autodetect_device_type, print0
+    from nanochat.tokenizer import get_tokenizer
+    from nanochat.train import build_model_meta, build_parser as train_parser
+    from megacontext.end_to_end import EndToEndVariant
+    defaults = vars(train_parser().parse_args([]))
+    settings, variant_name, variant_config = hooks.load_run_config(args.config, {}, defaults, {"data": {}})
+    if variant_name != "megacontext" or "phases" not in variant_config:
+        raise ValueError(f"{args.config} is not an end-to-end MegaContext config (variant: megacontext with phases)")
+    settings["device_type"] = args.device_type or settings["device_type"] or autodetect_device_type()
+    device = torch.device(settings["device_type"])
+    run_args = argparse.Namespace(**settings)
+    torch.manual_seed(0)
+    tokenizer = get_tokenizer()
+    model = build_model_meta(run_args, settings["depth"], tokenizer.get_vocab_size())
+    model.to_empty(device=device)
+    model.init_weights()
+    variant = EndToEndVariant(dict(variant_config, run_name="bench_step"))
+    groups = variant.build(model, dict(settings, model_tag="bench_step"), resuming=False)
+    model.requires_grad_(True)  # the vanilla step trains the whole base; each phase sets its own below
+    compiled = torch.compile(model, dynamic=False) if os.environ.get("NANOCHAT_COMPILE", "1") != "0" else model
+    optimizer = model.setup_optimizer()
+    hooks.add_param_groups(optimizer, groups)
+    loader = variant.train_loader(tokenizer, settings["device_batch_size"], settings["max_seq_len"], device, None)
+    rows = variant.wcs_per_row * settings["device_batch_size"]
+    T = variant.row_length
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    idx = torch.randint(0, tokenizer.get_vocab_size(), (rows, T), generator=gen).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    from contextlib import nullcontext
+
+    def vanilla_step():
+        for p in model.parameters():
+            p.requires_grad_(True)
+        with variant.lora.disabled() if variant.lora is not None else nullcontext():  # the plain GPT
+            compiled(idx, idx).backward()
+        hooks.before_optimizer_step(None, optimizer, torch.zeros(()), 0, "")
+        optimizer.step()
+        hooks.after_optimizer_step(optimizer)
+
+    def mc_step(step, train):
+        for p in model.parameters():
+            p.requires_grad_("base" in train)
+        batch = next(loader)
+        t = time.time()
+        loss, metrics = variant.loss(compiled, batch[:2], step)
+        sync()
+        t_loss = time.time() - t
+        t = time.time()
+        loss.backward()
+        sync()
+        t_backward = time.time() - t
+        t = time.time()
+        hooks.before_optimizer_step(variant, optimizer, loss.detach(), step, "")
+        optimizer.step()
+        hooks.after_optimizer_step(optimizer)
+        sync()
+        return dict(loss_s=t_loss, backward_s=t_backward, optimizer_s=time.time() - t, wcs_s=metrics["wcs_s"],
+                    lens_s=metrics["lens_s"], tokens=metrics["tokens"])
+
+    # one step index inside each distinct phase (the trains-set decides the cost)
+    starts, seen, offset = [], set(), 0
+    for name, steps, train in variant.phases:
+        if train not in seen:
+            seen.add(train)
+            starts.append((name, offset, train))
+        offset += steps
+    times = {"vanilla": []}
+    parts = {name: [] for name, _, _ in starts}
+    times.update({name: [] for name, _, _ in starts})
+    print0(f"{rows} rows x {T} positions per step; phases {', '.join(n for n, _, _ in starts)}; "
+           f"{args.warmup} warm-up + {args.rounds} timed rounds")
+    for round_ in range(args.warmup + args.rounds):
+        sync()
+        t = time.time()
+        vanilla_step()
+        sync()
+        if round_ >= args.warmup:
+            times["vanilla"].append(time.time() - t)
+        for name, step, train in starts:
+            sync()
+            t = time.time()
+            split = mc_step(step, train)
+            sync()
+            if round_ >= args.warmup:
+                times[name].append(time.time() - t)
+                parts[name].append(split)
+    variant.finish()
+    base = statistics.median(times["vanilla"])
+    lines = [header("MegaContext training step vs vanilla"),
+             f"Rows per step: {rows} x {T} positions (B={settings['device_batch_size']} rows x {variant.wcs_per_row} WCs); "
+             f"vanilla = forward + backward + optimizer of the whole base model on the same shape.\n",
+             "| step | median s | / vanilla | loss() s (of which WC layouts + refocus, LensNet loss) | backward s | optimizer s |",
+             "|---|---:|---:|---|---:|---:|",
+             f"| vanilla | {base:.3f} | 1.00 | | | |"]
+    worst = 0.0
+    for name, _, train in starts:
+        med = statistics.median(times[name])
+        pm = {k: statistics.median(p[k] for p in parts[name]) for k in ("loss_s", "backward_s", "optimizer_s", "wcs_s", "lens_s")}
+        worst = max(worst, med / base)
+        lines.append(f"| {name} [{'+'.join(sorted(train))}] | {med:.3f} | {med / base:.2f} | {pm['loss_s']:.3f} "
+                     f"({pm['wcs_s']:.3f}, {pm['lens_s']:.3f}) | {pm['backward_s']:.3f} | {pm['optimizer_s']:.3f} |")
+    lines.append(f"\nstep cost ratio megacontext/vanilla: {worst:.2f}")
+    record("\n".join(lines) + "\n", args.record)
+
+
 def _cuda_available():
     import torch
     return torch.cuda.is_available()
@@ -388,7 +507,10 @@ def _cuda_available():
 
 def build_parser():
     parser = argparse.ArgumentParser(description="MegaContext benchmarks")
-    parser.add_argument("what", choices=["ingest", "delta-nll", "decode"])
+    parser.add_argument("what", choices=["ingest", "delta-nll", "decode", "step"])
+    parser.add_argument("--config", type=str, default="configs/megacontext_cpu.yaml",
+                        help="step: an end-to-end run config (variant: megacontext with phases)")
+    parser.add_argument("--warmup", type=int, default=2, help="step: untimed rounds first (compilation)")
     parser.add_argument("--model-tag", type=str, default=None,
                         help="base checkpoint tag under base_checkpoints/ (required for ingest and delta-nll; "
                              "decode: default a random GPT from the flags below)")
@@ -403,7 +525,7 @@ def build_parser():
     parser.add_argument("--budget", type=int, default=128, help="decode: working-context budget W")
     parser.add_argument("--refocus-every", type=int, default=32, help="decode: K, tokens between refocuses")
     parser.add_argument("--decode-tokens", type=int, default=64, help="decode: tokens per history, mode and round")
-    parser.add_argument("--rounds", type=int, default=8, help="decode: interleaved rounds (medians are reported)")
+    parser.add_argument("--rounds", type=int, default=8, help="decode, step: interleaved rounds (medians are reported)")
     parser.add_argument("--lensnet", type=str, default="random", help="decode: random | none | a LensNet tag or mc file")
     parser.add_argument("--threads", type=int, default=1, help="decode: torch threads per process")
     parser.add_argument("--depth", type=int, default=4, help="decode, random model: depth")
@@ -428,6 +550,10 @@ def main(argv=None):
         if min(args.rounds, args.decode_tokens, args.budget, args.refocus_every, args.threads) < 1:
             parser.error("--rounds, --decode-tokens, --budget, --refocus-every and --threads must be >= 1")
         return bench_decode(args)
+    if args.what == "step":
+        if not os.path.isfile(args.config):
+            parser.error(f"--config {args.config} not found (see configs/megacontext_cpu.yaml)")
+        return bench_step(args)
     if args.model_tag is None:
         parser.error(f"{args.what} needs --model-tag (a checkpoint under base_checkpoints/)")
     check_gistnet_path(args.gistnet)  # before the slow part

@@ -1,0 +1,485 @@
+"""
+End-to-end MegaContext training: GistNet, LensNet and, by choice, the base model (whole or
+through a LoRA) learning together inside nanochat.train, in phases and EM cycles.
+
+    python -m nanochat.train --config configs/megacontext_cpu.yaml          # one process
+    torchrun --nproc_per_node=8 -m nanochat.train --config configs/megacontext_d20_8xh100.yaml
+
+A run config selects it with `variant: megacontext` and a `phases:` list in its `megacontext:`
+section (without `phases` the section is JT1, megacontext/variant.py). One micro-batch:
+  1. B rows of the variant's own loader (train_loader: BOS + one long document each, from the
+     testbed's long-document mixture, window_loader.example_batches); per row a history and
+     a horizon (window_loader.history_horizon: a synthetic row's horizon holds its answer)
+  2. LOD1 gists of every whole history block and LOD2 gists of every whole 1024-token span,
+     from the current GistNet, differentiable when the phase trains it
+  3. per row the WCs of budget W: the recency baseline, `random_wcs` random LOD mixes, and
+     `focused_wcs` refocused by LensNet + the Focus Allocator from the recency WC
+  4. the base model reads [BOS | WC | horizon] for every WC of the micro-batch in ONE batch of
+     fixed shape (B * WCs per row, 1 + W + H - 1) — the compiled model runs it — and the
+     horizon loss is each WC's mean NLL over its scored horizon tokens
+  5. gist auxiliary losses: each LOD1 gist to the mean of its block's token embeddings, each
+     LOD2 gist to the mean of its 32 LOD1 gists (losses.pooling_mse_loss), weights alpha_lod1
+     and alpha_lod2
+  6. LensNet targets on the recency WC: `argmin` (regularized argmin over this step's WC
+     variants: where the WC that lost least is more detailed than the recency WC an entry's
+     target is +gain, where it is coarser -gain, gain = NLL(recency) - NLL(best) in nats, and
+     all targets are 0 when the gain is under argmin_margin) or `counterfactual` (the focus
+     issue's utilities, lens_targets.counterfactual_targets, max_candidates per WC); LensNet's
+     loss = w_regression * regression + w_ranking * ranking + w_budget * budget (lens_losses)
+  7. loss = mean horizon NLL (when the phase trains GistNet, LoRA or the base) + the gist
+     losses + w_lens * LensNet's loss (when it trains LensNet). The trainer steps once.
+Targets are computed every step from the current GistNet, so they are always regenerated
+after a GistNet phase.
+
+Phases. `phases` is a list of {name, steps, train}: train lists what learns in the phase,
+among gistnet, lensnet, lora and base; `cycles` repeats the list (EM cycles: e.g. gist ->
+lens -> lora, twice). The run's num_iterations should equal cycles * sum(steps); after the
+last phase the last one goes on. Modules outside a phase's `train` get no gradient, and the
+trainer lets their optimizer groups sit the step out (nanochat/hooks.py).
+
+The `megacontext:` section (DEFAULTS below lists every key):
+  base_model_tag / base_step   the base checkpoint to start from (required)
+  gistnet, lensnet             a JT1 / JT2 run's model tag (its last mc_XXXXXX.pt) or an mc path to
+                               start from; null = fresh (gistnet_config / lensnet_config fields)
+  lora                         {rank, alpha, targets, seed} (megacontext/lora.py), used by phases
+                               that train `lora`
+  phases, cycles               see above
+  budget_tokens, history_tokens, horizon, min_history, answer_tokens, mixture, data_seed
+  random_wcs, focused_wcs, refocus_changes, lod1_tail
+  alpha_lod1, alpha_lod2, w_lens, lens_target, argmin_margin, max_candidates, batch_rows,
+  target_scale, ranking_temperature, w_regression, w_ranking, w_budget
+  lr_gistnet, lr_lensnet, lr_lora, weight_decay   AdamW groups under nanochat's LR schedule (the
+                               base's own groups keep nanochat's LRs when a phase trains it)
+  max_nonfinite_steps          NaN/inf steps skipped in a row before the run stops (nanochat/hooks.py)
+  seed, run_name
+
+Checkpoints: mc_XXXXXX.pt beside upstream's files holds GistNet (the keys JT1 files have, so
+the eval harness and the runtime read it as a GistNet), LensNet (as a JT2 file, with the
+GistNet identity), the LoRA under its own `lora.` key prefix, the shapes, and the step; the
+base model's weights (trained or not) are the trainer's model_XXXXXX.pt, upstream's format.
+Resuming with other MegaContext shapes than the checkpoint's is refused, naming both.
+
+What it owns: the end-to-end step, its phases and its checkpoint. It never edits nanochat and
+never defines the losses or the layouts it uses (losses.py, lens_targets.py, working_context.py).
+"""
+
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from nanochat.common import print0, get_dist_info
+from megacontext import base_inputs
+from megacontext.allocator import AllocatorConfig, FocusAllocator
+from megacontext.gistnet import GistNet, GistNetConfig, token_embeddings
+from megacontext.lens_targets import counterfactual_targets, lens_losses
+from megacontext.lensnet import LensNet, LensNetConfig, entry_vectors, entry_features, tail_gists_of, mask_illegal
+from megacontext.losses import pooling_mse_loss
+from megacontext.telemetry import Telemetry
+from megacontext.tree import BLOCK_SIZE
+from megacontext.variant import last_mc_file, load_base_weights
+from megacontext.window_loader import DEFAULT_MIXTURE, example_batches, history_horizon
+from megacontext.working_context import TensorStore, WorkingContext, pack_batch
+
+MODULES = ("gistnet", "lensnet", "lora", "base")
+LENS_TARGETS = ("argmin", "counterfactual")
+DEFAULTS = dict(
+    base_model_tag=None, base_step=None, gistnet=None, gistnet_config={}, lensnet=None, lensnet_config={},
+    lora={}, phases=None, cycles=1,
+    budget_tokens=128, history_tokens=1024, horizon=32, min_history=160, answer_tokens=6,
+    mixture=None, data_seed=0, random_wcs=1, focused_wcs=1, refocus_changes=4, lod1_tail=256,
+    alpha_lod1=0.1, alpha_lod2=0.1, w_lens=1.0, lens_target="argmin", argmin_margin=0.01, max_candidates=8,
+    batch_rows=32, target_scale=10.0, ranking_temperature=1.0, w_regression=1.0, w_ranking=1.0, w_budget=0.1,
+    lr_gistnet=1e-3, lr_lensnet=1e-3, lr_lora=1e-3, weight_decay=0.0, max_nonfinite_steps=3,
+    seed=0, run_name=None,
+)
+
+
+def check_phases(phases, cycles):
+    """The phases list as [(name, steps, frozenset(train))], or ValueError naming the problem."""
+    if not isinstance(phases, list) or not phases:
+        raise ValueError("megacontext.phases must be a non-empty list of {name, steps, train}, e.g. "
+                         "[{name: joint, steps: 100, train: [gistnet, lensnet]}]")
+    out = []
+    for k, phase in enumerate(phases):
+        if not isinstance(phase, dict) or set(phase) - {"name", "steps", "train"} or "steps" not in phase:
+            raise ValueError(f"megacontext.phases[{k}] must be a mapping with keys name, steps, train; got {phase!r}")
+        train = phase.get("train") or []
+        train = [train] if isinstance(train, str) else list(train)
+        unknown = set(train) - set(MODULES)
+        if unknown or not train:
+            raise ValueError(f"megacontext.phases[{k}].train must list some of {', '.join(MODULES)}; got {train!r}")
+        if not isinstance(phase["steps"], int) or phase["steps"] < 1:
+            raise ValueError(f"megacontext.phases[{k}].steps must be a positive integer, got {phase['steps']!r}")
+        out.append((str(phase.get("name", f"phase{k}")), phase["steps"], frozenset(train)))
+    if not isinstance(cycles, int) or cycles < 1:
+        raise ValueError(f"megacontext.cycles must be a positive integer, got {cycles!r}")
+    return out
+
+
+def phase_at(phases, cycles, step):
+    """(cycle, phase index, (name, steps, train)) of an optimizer step; past the end, the last phase."""
+    period = sum(steps for _, steps, _ in phases)
+    cycle, offset = divmod(step, period)
+    if cycle >= cycles:
+        return cycles - 1, len(phases) - 1, phases[-1]
+    for k, phase in enumerate(phases):
+        if offset < phase[1]:
+            return cycle, k, phase
+        offset -= phase[1]
+    raise AssertionError("unreachable")
+
+
+def attach_trained_lora(model, spec):
+    """Attach the LoRA an end-to-end run trained (its model tag, or an mc_XXXXXX.pt path) to model,
+    in eval mode. Returns (lora, path); ValueError when that run trained no LoRA."""
+    from megacontext.lora import LoRAConfig, attach_lora
+    path = last_mc_file(spec, f"LoRA at {spec}", "python -m nanochat.train --config configs/megacontext_cpu.yaml")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state.get("lora") if isinstance(state, dict) else None
+    if not saved:
+        raise ValueError(f"{path} holds no LoRA (its run trained none); drop the lora setting")
+    saved = {k[len("lora."):]: v for k, v in saved.items()}
+    lora = attach_lora(model, **asdict(LoRAConfig.from_state_dict(saved)))
+    lora.load_state_dict(saved)
+    return lora.eval(), path
+
+
+def detail_targets(wc, best, gain, margin):
+    """Regularized-argmin targets on wc's entries (n,) float32: +gain where `best` (another WC of the
+    same history) holds an entry's span in finer detail, -gain where coarser, 0 elsewhere (or
+    everywhere when gain < margin); NaN where that action is illegal."""
+    n = len(wc)
+    out = np.zeros(n, dtype=np.float32)
+    if gain < margin:
+        return out
+    spans, best_spans, best_levels = wc.spans, best.spans, best.levels
+    for k, e in enumerate(wc.entries):
+        overlap = (best_spans[:, 0] < spans[k, 1]) & (best_spans[:, 1] > spans[k, 0])
+        finest = int(best_levels[overlap].min()) if overlap.any() else e.level
+        if finest < e.level:
+            out[k] = gain
+        elif finest > e.level:
+            out[k] = -gain
+    can_expand, can_collapse = wc.levels > 0, wc.collapsible_mask()
+    out[(out > 0) & ~can_expand] = np.nan
+    out[(out < 0) & ~can_collapse] = np.nan
+    return out
+
+
+class EndToEndVariant:
+    name = "megacontext"
+
+    def __init__(self, config):
+        unknown = set(config) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown megacontext config key(s): {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(DEFAULTS))}")
+        cfg = self.config = {**DEFAULTS, **config}
+        self.phases = check_phases(cfg["phases"], cfg["cycles"])
+        if cfg["lens_target"] not in LENS_TARGETS:
+            raise ValueError(f"megacontext.lens_target must be one of {', '.join(LENS_TARGETS)}, got {cfg['lens_target']!r}")
+        if cfg["budget_tokens"] < 2 * BLOCK_SIZE:
+            raise ValueError(f"megacontext.budget_tokens must be at least {2 * BLOCK_SIZE}, got {cfg['budget_tokens']}")
+        if not (BLOCK_SIZE <= cfg["min_history"] <= cfg["history_tokens"]):
+            raise ValueError(f"megacontext needs {BLOCK_SIZE} <= min_history <= history_tokens, got "
+                             f"min_history={cfg['min_history']}, history_tokens={cfg['history_tokens']}")
+        if cfg["horizon"] < 1 or cfg["random_wcs"] < 0 or cfg["focused_wcs"] < 0:
+            raise ValueError("megacontext.horizon must be >= 1 and random_wcs, focused_wcs >= 0")
+        self.max_nonfinite_steps = int(cfg["max_nonfinite_steps"])  # opts into the trainer's NaN/inf guard
+        self.trains = frozenset().union(*(train for _, _, train in self.phases))
+        self.model = self.gistnet = self.lensnet = self.lora = self.telemetry = None
+        self.step = 0
+        self.last_metrics = {}
+        self.current_phase = None
+
+    @property
+    def wcs_per_row(self):
+        return 1 + self.config["random_wcs"] + self.config["focused_wcs"]
+
+    @property
+    def row_length(self):
+        """Positions of one base-model row: BOS + W slots + H - 1 horizon inputs (fixed)."""
+        return 1 + self.config["budget_tokens"] + self.config["horizon"] - 1
+
+    def shapes(self):
+        """What a checkpoint of this run must match to be resumed."""
+        cfg = self.config
+        return {"gistnet": asdict(self.gistnet.config), "lensnet": asdict(self.lensnet.config),
+                "lora": None if self.lora is None else self.lora.config.to_dict(),
+                "budget_tokens": cfg["budget_tokens"], "history_tokens": cfg["history_tokens"], "horizon": cfg["horizon"]}
+
+    # -------------------------------------------------------------------------
+    # hooks called by nanochat/train.py
+
+    def build(self, model, run_args, resuming=False):
+        """Load the base weights (unless resuming), attach gist inputs (and a LoRA when a phase
+        trains one), create or load GistNet and LensNet; return their optimizer groups."""
+        from megacontext.ingest import load_gister
+        cfg = self.config
+        need = self.row_length
+        if need > model.config.sequence_len:
+            raise ValueError(f"megacontext rows need 1 + budget_tokens + horizon - 1 = {need} positions but the model's "
+                             f"max_seq_len is {model.config.sequence_len}; lower megacontext.budget_tokens or horizon, "
+                             f"or raise max_seq_len")
+        if not resuming:
+            load_base_weights(model, cfg["base_model_tag"], cfg["base_step"], run_args, section="megacontext",
+                              example="base_model_tag: longctx_cpu after `python -m nanochat.train --config "
+                                      "configs/longctx_cpu.yaml`")
+        # the base stays in the optimizer only when some phase trains it (hooks.drop_frozen_params)
+        model.requires_grad_("base" in self.trains)
+        base_inputs.attach(model)  # before torch.compile
+        self.model = model
+        device = model.get_device()
+        n_embd = model.config.n_embd
+        if cfg["gistnet"]:
+            path = last_mc_file(cfg["gistnet"], f"GistNet for megacontext.gistnet '{cfg['gistnet']}'",
+                                "python -m nanochat.train --config configs/gistnet_longctx_cpu.yaml")
+            self.gistnet = load_gister(path, n_embd, device)
+            self.gistnet.untrained_levels = ()  # this run trains every level it uses
+        else:
+            self.gistnet = GistNet(GistNetConfig(n_embd=n_embd, **cfg["gistnet_config"])).to(device).init_weights(seed=cfg["seed"])
+        if cfg["lensnet"]:
+            from megacontext.lensnet import load_lensnet
+            self.lensnet = load_lensnet(cfg["lensnet"], n_embd, device)
+        else:
+            self.lensnet = LensNet(LensNetConfig(n_embd=n_embd, **cfg["lensnet_config"])).init_weights(seed=cfg["seed"]).to(device)
+        self.gistnet.train()
+        self.lensnet.train()
+        # one group per GistNet level (a step whose histories hold no whole 1024-token span gives
+        # separate LOD2 weights no gradient: their group sits that step out) and one for LensNet
+        adamw = lambda params, lr: dict(kind="adamw", params=list(params), lr=lr, betas=(0.9, 0.95), eps=1e-10,
+                                        weight_decay=cfg["weight_decay"])
+        groups = [adamw(level.parameters(), cfg["lr_gistnet"]) for level in self.gistnet.levels]
+        groups.append(adamw(self.lensnet.parameters(), cfg["lr_lensnet"]))
+        if "lora" in self.trains:
+            from megacontext.lora import attach_lora
+            self.lora = attach_lora(model, **cfg["lora"])  # after base_inputs, before torch.compile
+            groups.append(adamw(self.lora.parameters(), cfg["lr_lora"]))
+        # nanochat's fused AdamW step is compiled once per parameter shape, and torch.compile stops at
+        # recompile_limit (8) shapes: GistNet, LensNet and the LoRA bring more, so the limit grows by theirs
+        shapes = {(tuple(p.shape), p.dtype) for g in groups for p in g["params"]}
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(shapes) + 8)
+        print0(f"MegaContext end to end: GistNet {self.gistnet.architecture()} ({self.gistnet.num_params():,} params), "
+               f"LensNet ({self.lensnet.num_params():,} params)"
+               + (f", LoRA rank {self.lora.config.rank} ({self.lora.num_params():,} params)" if self.lora else "")
+               + "; phases " + " -> ".join(f"{n} {s} [{'+'.join(sorted(t))}]" for n, s, t in self.phases)
+               + f" x {cfg['cycles']}; {self.wcs_per_row} WCs per row of {self.row_length} positions")
+        rank = get_dist_info()[1]
+        run_name = cfg["run_name"] or (run_args.get("model_tag") or f"d{run_args.get('depth')}")
+        self.telemetry = Telemetry(run_name, config={"megacontext": cfg, "train": run_args}, enabled=rank == 0,
+                                   wandb=False)  # the trainer logs loss()'s metrics to its own wandb run
+        self.allocator = FocusAllocator(AllocatorConfig(tau_expand=0.0, tau_collapse=0.0, max_changes=cfg["refocus_changes"],
+                                                        cooldown=0, hysteresis=0.0))
+        return groups
+
+    def train_loader(self, tokenizer, B, T, device, resume_state_dict):
+        """Rows of BOS + history_tokens + horizon tokens of one long document (the trainer's T is
+        not used: the base model reads WCs of row_length positions)."""
+        cfg = self.config
+        self.bos = tokenizer.get_bos_token_id()
+        mixture = cfg["mixture"] or DEFAULT_MIXTURE
+        return example_batches(tokenizer, B, 1 + cfg["history_tokens"] + cfg["horizon"], "train", device, mixture,
+                               cfg["data_seed"], resume_state_dict)
+
+    def _set_phase(self, step):
+        cycle, k, (name, _, train) = phase_at(self.phases, self.config["cycles"], step)
+        self.gistnet.requires_grad_("gistnet" in train)
+        self.lensnet.requires_grad_("lensnet" in train)
+        if self.lora is not None:
+            self.lora.requires_grad_("lora" in train)
+        if "base" in self.trains:
+            for p in self.model.parameters():
+                p.requires_grad_("base" in train)
+        if self.current_phase != (cycle, k):
+            print0(f"megacontext: step {step} starts phase '{name}' (cycle {cycle + 1}/{self.config['cycles']}), "
+                   f"training {', '.join(sorted(train))}")
+            self.current_phase = (cycle, k)
+        return name, train
+
+    def loss(self, model, batch, step):
+        cfg = self.config
+        name, train = self._set_phase(step)
+        rows, (supervised, row_ids) = batch
+        t0 = time.time()
+        examples = [history_horizon(rows[r], supervised[r], cfg["history_tokens"], cfg["horizon"], cfg["min_history"],
+                                    cfg["answer_tokens"]) for r in range(rows.size(0))]
+        lod = self._gists([h for h, _, _ in examples], grad="gistnet" in train)
+        items = self._wcs(examples, lod, row_ids)
+        t_wcs = time.time() - t0
+        reads_gists = bool(train & {"gistnet", "lora", "base"})
+        with torch.set_grad_enabled(reads_gists):
+            nll = self._horizon_nll(model, items)  # (R,) one per WC
+        # every mean below is over WCs (or rows) with equal weight, so B rows on one rank and B/2 on each
+        # of two ranks give the same step
+        horizon_loss = nll.mean()
+        loss = horizon_loss if reads_gists else horizon_loss.detach() * 0.0
+        metrics = {"phase": name}
+        if "gistnet" in train and (cfg["alpha_lod1"] or cfg["alpha_lod2"]):
+            aux1, aux2 = self._gist_losses(examples, lod)
+            loss = loss + cfg["alpha_lod1"] * aux1 + cfg["alpha_lod2"] * aux2
+            metrics.update(gist_lod1=float(aux1.detach()), gist_lod2=float(aux2.detach()))
+        t_lens = time.time()
+        if "lensnet" in train:
+            parts, target_stats = self._lens_loss(items, nll.detach())
+            lens_loss = cfg["w_regression"] * parts["regression"] + cfg["w_ranking"] * parts["ranking"] + cfg["w_budget"] * parts["budget"]
+            loss = loss + cfg["w_lens"] * lens_loss
+            metrics.update({f"lens_{k}": float(v.detach()) for k, v in parts.items()}, **target_stats)
+        per_kind = {}
+        for it, v in zip(items, nll.detach().float().cpu().tolist()):
+            per_kind.setdefault(it["kind"], []).append(v)
+        metrics.update({f"nll_{k}": float(np.nanmean(v)) for k, v in per_kind.items()})
+        if "focused" in per_kind:
+            metrics["focus_gain"] = metrics["nll_recency"] - metrics["nll_focused"]
+        metrics.update(tokens=len(items) * self.row_length, wcs_s=round(t_wcs, 3), lens_s=round(time.time() - t_lens, 3))
+        self.last_metrics = metrics
+        return loss, metrics
+
+    def on_step(self, step, metrics):
+        record = {**self.last_metrics, **metrics, "nonfinite_skipped": getattr(self, "nonfinite_skipped", 0)}
+        self.telemetry.log(record, step=step)
+        self.step = step + 1
+
+    def finish(self):
+        if self.telemetry is not None:
+            self.telemetry.close()
+
+    def state_dict(self):
+        gistnet_identity = self.gistnet.identity()
+        return {
+            "gistnet": {"config": asdict(self.gistnet.config), "state_dict": self.gistnet.state_dict()},
+            "identity": gistnet_identity,
+            "trained_levels": [1, 2],
+            "lensnet": {"config": asdict(self.lensnet.config), "state_dict": self.lensnet.state_dict()},
+            "gistnet_identity": gistnet_identity,
+            "lora": None if self.lora is None else {f"lora.{k}": v for k, v in self.lora.state_dict().items()},
+            "shapes": self.shapes(),
+            "step": self.step,
+            "megacontext_config": self.config,
+        }
+
+    def load_state_dict(self, state):
+        mine = self.shapes()
+        theirs = state.get("shapes")
+        if theirs != mine:
+            diff = {k: (theirs.get(k) if isinstance(theirs, dict) else None, v) for k, v in mine.items()
+                    if not isinstance(theirs, dict) or theirs.get(k) != v}
+            raise ValueError("cannot resume: the checkpoint's MegaContext shapes differ from this run's: "
+                             + "; ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
+                             + " (resume with the config the checkpoint was trained with)")
+        self.gistnet.load_state_dict(state["gistnet"]["state_dict"])
+        self.lensnet.load_state_dict(state["lensnet"]["state_dict"])
+        if self.lora is not None:
+            self.lora.load_state_dict({k[len("lora."):]: v for k, v in state["lora"].items()})
+        self.step = state["step"]
+
+    # -------------------------------------------------------------------------
+    # the step's pieces
+
+    def _gists(self, histories, grad):
+        """Per history (lod1 (n_blocks, D), lod2 (n_groups, D)), differentiable when grad."""
+        n_blocks = [len(h) // BLOCK_SIZE for h in histories]
+        blocks = [h[:n * BLOCK_SIZE].reshape(n, BLOCK_SIZE) for h, n in zip(histories, n_blocks) if n]
+        with torch.set_grad_enabled(grad):
+            with torch.no_grad():
+                inputs = token_embeddings(self.model, torch.cat(blocks))
+            lod1_all = self.gistnet(inputs, 1).float()
+            out, cursor = [], 0
+            for n in n_blocks:
+                lod1 = lod1_all[cursor:cursor + n]
+                groups = n // BLOCK_SIZE
+                lod2 = (self.gistnet(lod1[:groups * BLOCK_SIZE].reshape(groups, BLOCK_SIZE, -1), 2).float()
+                        if groups else lod1[:0])
+                out.append(dict(lod1=lod1, lod2=lod2, inputs=inputs[cursor:cursor + n]))
+                cursor += n
+        return out
+
+    def _gist_losses(self, examples, lod):
+        """(LOD1, LOD2) pooling losses, each the mean over rows of the row's mean (rows without a
+        LOD2 gist count 0 for LOD2)."""
+        zero = lod[0]["lod1"].sum() * 0.0
+        aux1 = torch.stack([pooling_mse_loss(g["lod1"], g["inputs"]) if len(g["lod1"]) else zero for g in lod]).mean()
+        aux2 = torch.stack([pooling_mse_loss(g["lod2"], g["lod1"].detach()[:len(g["lod2"]) * BLOCK_SIZE].reshape(
+            len(g["lod2"]), BLOCK_SIZE, -1)) if len(g["lod2"]) else zero for g in lod]).mean()
+        return aux1, aux2
+
+    def _wcs(self, examples, lod, row_ids):
+        """Every WC of the micro-batch, as dicts (kind, wc, history, lod1, lod2, horizon, horizon_mask,
+        bos, tail, row). WC layouts depend only on the row (its id seeds the random mixes)."""
+        cfg = self.config
+        W = cfg["budget_tokens"]
+        embed = lambda ids: token_embeddings(self.model, ids)
+        items = []
+        for (history, horizon, mask), g, row in zip(examples, lod, row_ids.tolist()):
+            rng = np.random.default_rng([cfg["seed"], row])
+            N = len(history)
+            lod1, lod2 = g["lod1"], g["lod2"]
+            tail = tail_gists_of(lod1.detach(), lod2.detach(), cfg["lod1_tail"])
+            recency = WorkingContext.recency(N, W)
+            layouts = [("recency", recency)] + [("random", WorkingContext.random_mix(rng, N, W))
+                                                 for _ in range(cfg["random_wcs"])]
+            if cfg["focused_wcs"]:
+                store = TensorStore(history, lod1.detach(), lod2.detach())
+                was_training = self.lensnet.training
+                self.lensnet.eval()
+                scores = self.lensnet.score_wc(recency, store, embed, tail_gists=tail)
+                self.lensnet.train(was_training)
+                self.allocator.reset()
+                focused = self.allocator.refocus(recency, scores).wc
+                layouts += [("focused", focused)] * cfg["focused_wcs"]
+            for kind, wc in layouts:
+                items.append(dict(kind=kind, wc=wc, history=history, lod1=lod1, lod2=lod2, horizon=horizon,
+                                  horizon_mask=mask, bos=self.bos, tail=tail, row=row))
+        return items
+
+    def _horizon_nll(self, model, items):
+        """Mean NLL over each WC's scored horizon tokens -> (R,), in one fixed-shape batch."""
+        base = self.model
+        device = base.get_device()
+        horizons = torch.stack([it["horizon"] for it in items]).to(device)
+        masks = torch.stack([it["horizon_mask"] for it in items]).to(device)
+        stores = [TensorStore(it["history"], it["lod1"], it["lod2"]) for it in items]
+        batch = pack_batch([it["wc"] for it in items], stores, horizons, n_embd=base.config.n_embd,
+                           bos_id=self.bos, length=self.row_length, device=device)
+        idx, targets = batch["idx"], batch["targets"]
+        first = (targets >= 0).float().argmax(1)  # the position predicting horizon token 0
+        cols = first[:, None] + torch.arange(horizons.size(1), device=device)[None, :]
+        targets.scatter_(1, cols, torch.where(masks, horizons, torch.full_like(horizons, -1)))
+        with base_inputs.gist_inputs(model, batch["gist_mask"], batch["gist_vectors"]):
+            losses = model(idx, targets, loss_reduction="none").view(idx.shape)
+        return losses.float().sum(1) / masks.sum(1).clamp(min=1)
+
+    def _lens_loss(self, items, nll):
+        """LensNet's losses on each row's recency WC, with this step's targets."""
+        cfg = self.config
+        by_row = {}
+        for it, v in zip(items, nll.cpu().numpy()):
+            by_row.setdefault(it["row"], []).append((it, float(v)))
+        scored, targets = [], []
+        if cfg["lens_target"] == "counterfactual":
+            recency = [group[0][0] for group in by_row.values()]
+            rng = np.random.default_rng([cfg["seed"], self.step])
+            results = counterfactual_targets(self.model, recency, cfg["batch_rows"], cfg["max_candidates"], rng)
+            scored, targets = recency, [r["targets"] for r in results]
+        else:
+            for group in by_row.values():
+                (base_item, base_nll), best = group[0], min(group, key=lambda p: p[1])
+                scored.append(base_item)
+                targets.append(detail_targets(base_item["wc"], best[0]["wc"], base_nll - best[1], cfg["argmin_margin"]))
+        embed = lambda ids: token_embeddings(self.model, ids)
+        batch = []
+        with torch.no_grad():
+            for it in scored:
+                store = TensorStore(it["history"], it["lod1"].detach(), it["lod2"].detach())
+                batch.append((entry_vectors(it["wc"], store, embed), entry_features(it["wc"]).to(it["lod1"].device),
+                              it["tail"]))
+        scores = self.lensnet.score_batch(batch)
+        per_row = [lens_losses([s], [t], [it["wc"]], cfg["target_scale"], cfg["ranking_temperature"])
+                   for s, t, it in zip(scores, targets, scored)]
+        parts = {k: torch.stack([p[k] for p in per_row]).mean() for k in per_row[0]}
+        flat = np.concatenate([t[np.isfinite(t)] for t in targets]) if targets else np.zeros(0)
+        stats = {"lens_targets": int((flat != 0).sum()),
+                 "lens_score_abs": float(np.mean([float(mask_illegal(s.detach(), it["wc"]).abs().mean())
+                                                  for s, it in zip(scores, scored)]))}
+        return parts, stats

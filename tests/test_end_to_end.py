@@ -1,0 +1,252 @@
+"""
+megacontext/end_to_end.py through nanochat's real training loop: phases, every trainable
+MegaContext parameter stepped and saved, bit-identical resume, the NaN guard, refused
+resumes, two CPU processes against one, and the pure pieces (phases, argmin targets).
+"""
+import os
+import sys
+import argparse
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from nanochat import hooks
+from megacontext.end_to_end import EndToEndVariant, check_phases, phase_at, detail_targets
+from megacontext.working_context import WorkingContext
+from test_variant import train_base_dir, run_train_config, run_log, REPO  # noqa: F401 (fixture)
+
+E2E_CONFIG = """
+variant: megacontext
+device_type: cpu
+depth: 2
+aspect_ratio: 64
+head_dim: 64
+max_seq_len: 160
+window_pattern: SL
+device_batch_size: 2
+total_batch_size: 320
+num_iterations: 6
+warmup_steps: 1
+eval_every: -1
+core_metric_every: -1
+sample_every: -1
+save_every: 3
+model_tag: e2e
+megacontext:
+  base_model_tag: d2
+  gistnet_config: {n_layer: 1, n_head: 2}
+  lensnet_config: {d_model: 32, n_layer: 1, n_head: 2}
+  phases:
+    - {name: gist, steps: 2, train: [gistnet]}
+    - {name: lens, steps: 2, train: [lensnet]}
+    - {name: joint, steps: 2, train: [gistnet, lensnet]}
+  budget_tokens: 128
+  history_tokens: 224
+  min_history: 64
+  horizon: 16
+  mixture: {natural: 0.5, passkey: 0.5}
+  lr_gistnet: 0.01
+  lr_lensnet: 0.01
+  argmin_margin: 0.0
+"""
+
+
+def mc_state(base, tag, step):
+    return torch.load(base / "base_checkpoints" / tag / f"mc_{step:06d}.pt", weights_only=False)
+
+
+def flat(sd):
+    return {k: v for k, v in sd.items() if torch.is_tensor(v)}
+
+
+# -----------------------------------------------------------------------------
+# pure pieces
+
+
+def test_phases_are_checked_and_cycle():
+    phases = check_phases([{"name": "gist", "steps": 2, "train": ["gistnet"]},
+                           {"name": "lens", "steps": 1, "train": "lensnet"}], 2)
+    names = [phase_at(phases, 2, s)[2][0] for s in range(8)]
+    assert names == ["gist", "gist", "lens", "gist", "gist", "lens", "lens", "lens"]  # past the end: the last
+    assert phase_at(phases, 2, 4)[:2] == (1, 0)
+    for bad, message in [([], "non-empty list"), ([{"steps": 2, "train": ["gpt"]}], "must list some of"),
+                         ([{"steps": 0, "train": ["base"]}], "positive integer"),
+                         ([{"steps": 1, "train": ["base"], "lr": 1}], "keys name, steps, train")]:
+        with pytest.raises(ValueError, match=message):
+            check_phases(bad, 1)
+    with pytest.raises(ValueError, match="unknown megacontext config key"):
+        EndToEndVariant({"phases": [{"steps": 1, "train": ["gistnet"]}], "budget": 3})
+
+
+def test_argmin_targets_point_at_the_detail_of_the_wc_that_lost_least():
+    N, W = 320, 128
+    recency = WorkingContext.recency(N, W)
+    gist = next(k for k, e in enumerate(recency.entries) if e.level > 0)
+    best = recency.swap(next(j for j, e in enumerate(recency.entries) if e.level == 0), gist)
+    t = detail_targets(recency, best, gain=0.5, margin=0.01)
+    assert t.shape == (len(recency),) and t[gist] == pytest.approx(0.5)  # the gist the best WC expanded
+    lower = [k for k in range(len(recency)) if t[k] < 0]
+    assert lower and all(recency.entries[k].level == 0 for k in lower)  # the block it collapsed to make room
+    assert np.all(detail_targets(recency, best, gain=0.005, margin=0.01) == 0)  # under the margin: keep
+    assert np.all(detail_targets(recency, recency, gain=0.5, margin=0.01) == 0)
+
+
+# -----------------------------------------------------------------------------
+# through nanochat.train
+
+
+def test_phases_train_and_save_every_megacontext_parameter(train_base_dir, tmp_path):
+    r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path, "--save-every=2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "starts phase 'lens'" in r.stdout and "phase: joint" in r.stdout and "tokens: 864" in r.stdout
+    base = torch.load(train_base_dir / "base_checkpoints" / "d2" / "model_000040.pt")
+    after = torch.load(train_base_dir / "base_checkpoints" / "e2e" / "model_000006.pt")
+    assert all(torch.equal(base[k], after[k]) for k in base), "no phase trains the base: it stays frozen"
+    s2, s4, s6 = (mc_state(train_base_dir, "e2e", s) for s in (2, 4, 6))
+    g2, g4, g6 = (flat(s["gistnet"]["state_dict"]) for s in (s2, s4, s6))
+    l2, l4, l6 = (flat(s["lensnet"]["state_dict"]) for s in (s2, s4, s6))
+    # the gist phase (steps 0-1) leaves LensNet alone, the lens phase (2-3) leaves GistNet alone, and over
+    # lens + joint every LensNet parameter moves (its zero-initialised output layers need a step before the
+    # layers under them get a gradient), over joint every GistNet parameter the LOD1 gists use
+    from megacontext.lensnet import LensNet, LensNetConfig
+    l0 = flat(mc_state(train_base_dir, "e2e", 2)["lensnet"]["state_dict"])
+    fresh = LensNet(LensNetConfig(**s2["lensnet"]["config"])).init_weights(seed=0).state_dict()
+    assert all(torch.equal(fresh[k], l0[k]) for k in l0), "the gist phase must not move LensNet"
+    assert all(torch.equal(g2[k], g4[k]) for k in g2)
+    assert any(not torch.equal(l2[k], l4[k]) for k in l2)
+    assert all(not torch.equal(l0[k], l6[k]) for k in l0), [k for k in l0 if torch.equal(l0[k], l6[k])]
+    lod1 = [k for k in g4 if k.startswith("levels.0.")]
+    assert lod1 and all(not torch.equal(g4[k], g6[k]) for k in lod1), [k for k in lod1 if torch.equal(g4[k], g6[k])]
+    assert s6["identity"] == s6["gistnet_identity"] and s6["step"] == 6
+    records = [rec for rec in run_log(tmp_path, "e2e") if "phase" in rec]
+    assert [rec["phase"] for rec in records] == ["gist"] * 2 + ["lens"] * 2 + ["joint"] * 2
+    assert all(np.isfinite(rec["nll_recency"]) for rec in records)
+
+
+def test_resume_is_bit_identical_and_refuses_other_shapes(train_base_dir, tmp_path):
+    r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole = mc_state(train_base_dir, "e2e", 6)
+    (train_base_dir / "base_checkpoints" / "e2e" / "mc_000006.pt").unlink()
+    r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path, "--resume-from-step=3")  # mid lens phase
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    resumed = mc_state(train_base_dir, "e2e", 6)
+    for part in ("gistnet", "lensnet"):
+        a, b = flat(whole[part]["state_dict"]), flat(resumed[part]["state_dict"])
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path, "--resume-from-step=3", "--megacontext.budget_tokens=96")
+    assert r.returncode == 1 and "MegaContext shapes differ" in r.stderr
+    assert "budget_tokens: checkpoint 128 vs run 96" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rows_that_do_not_fit_the_model_are_one_line(train_base_dir, tmp_path):
+    r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path, "--megacontext.budget_tokens=192")
+    assert r.returncode == 1 and "max_seq_len is 160" in r.stderr and "Traceback" not in r.stderr
+
+
+class NaNAtSteps(EndToEndVariant):
+    """The end-to-end variant with a NaN loss injected at chosen steps."""
+
+    def __init__(self, config, bad_steps):
+        super().__init__(config)
+        self.bad_steps = set(bad_steps)
+
+    def loss(self, model, batch, step):
+        loss, metrics = super().loss(model, batch, step)
+        return (loss * float("nan") if step in self.bad_steps else loss), metrics
+
+
+def run_in_process(base, tmp_path, monkeypatch, bad_steps, *overrides):
+    import yaml
+    from nanochat import train as train_lib
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_COMPILE", "0")
+    monkeypatch.setenv("MEGACONTEXT_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(E2E_CONFIG)
+    defaults = vars(train_lib.build_parser().parse_args([]))
+    sections = {"data": {}}
+    settings, _, variant_config = hooks.load_run_config(str(cfg), hooks.parse_overrides(list(overrides)), defaults,
+                                                        sections)
+    variant = NaNAtSteps(variant_config, bad_steps)
+    return variant, train_lib.train(argparse.Namespace(**settings), variant)
+
+
+def test_a_nan_step_is_skipped_and_never_reaches_a_checkpoint(train_base_dir, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    variant, summary = run_in_process(train_base_dir, tmp_path, monkeypatch, {2}, "--save-every=2")
+    assert variant.nonfinite_skipped == 1 and all(np.isfinite(summary["train_losses"]))
+    s2, s4 = mc_state(train_base_dir, "e2e", 2), mc_state(train_base_dir, "e2e", 4)
+    for part in ("gistnet", "lensnet"):
+        for k, v in flat(s4[part]["state_dict"]).items():
+            assert torch.isfinite(v).all(), (part, k)
+    # step 2 (lens phase) was skipped, step 3 trained LensNet: it moved, but from finite weights
+    assert any(not torch.equal(a, b) for a, b in zip(flat(s2["lensnet"]["state_dict"]).values(),
+                                                      flat(s4["lensnet"]["state_dict"]).values()))
+    opt = torch.load(train_base_dir / "base_checkpoints" / "e2e" / "optim_000004_rank0.pt", weights_only=False)
+    for state in opt["state"].values():
+        assert all(torch.isfinite(t).all() for t in state.values() if torch.is_tensor(t))
+
+
+def test_nan_steps_in_a_row_stop_naming_the_last_checkpoint(train_base_dir, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    with pytest.raises(RuntimeError, match=r"step 4: .* 2 steps in a row .* step 3"):
+        run_in_process(train_base_dir, tmp_path, monkeypatch, {3, 4}, "--save-every=3",
+                       "--megacontext.max_nonfinite_steps=2")
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_the_same_weights_as_one(train_base_dir, tmp_path):
+    one = run_train_config(train_base_dir, E2E_CONFIG, tmp_path, "--model-tag=one", "--device-batch-size=4",
+                           "--total-batch-size=640", "--num-iterations=4")
+    assert one.returncode == 0, one.stderr[-3000:]
+    cfg = tmp_path / "run.yaml"
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(train_base_dir), NANOCHAT_COMPILE="0", OMP_NUM_THREADS="1",
+               MEGACONTEXT_ARTIFACT_ROOT=str(tmp_path / "artifacts2"))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "nanochat.train", "--config", str(cfg), "--model-tag=two", "--device-batch-size=2",
+                          "--total-batch-size=640", "--num-iterations=4"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    a, b = mc_state(train_base_dir, "one", 4), mc_state(train_base_dir, "two", 4)
+    for part in ("gistnet", "lensnet"):
+        wa, wb = flat(a[part]["state_dict"]), flat(b[part]["state_dict"])
+        for k in wa:  # float sums in another order: equal to float noise, far from one step's change
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=f"{part}.{k}")
+
+
+def test_a_lora_phase_moves_only_the_lora_and_the_harness_reads_it_back(train_base_dir, tmp_path, monkeypatch):
+    phases = "[{name: gist, steps: 1, train: [gistnet]}, {name: lora, steps: 3, train: [lora]}]"
+    r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path, "--num-iterations=4", "--save-every=1",
+                         f"--megacontext.phases={phases}", "--megacontext.lora={rank: 4, targets: [wte, c_q, c_v]}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "LoRA rank 4" in r.stdout
+    ckpt = train_base_dir / "base_checkpoints" / "e2e"
+    base = torch.load(train_base_dir / "base_checkpoints" / "d2" / "model_000040.pt")
+    after = torch.load(ckpt / "model_000004.pt")
+    assert after.keys() == base.keys() and all(torch.equal(base[k], after[k]) for k in base)  # upstream's file, untouched
+    s1, s4 = mc_state(train_base_dir, "e2e", 1), mc_state(train_base_dir, "e2e", 4)
+    assert all(torch.equal(a, b) for a, b in zip(flat(s1["gistnet"]["state_dict"]).values(),
+                                                 flat(s4["gistnet"]["state_dict"]).values()))
+    lora1, lora4 = flat(s1["lora"]), flat(s4["lora"])
+    assert lora1 and all(k.startswith("lora.") for k in lora1)
+    assert all(not torch.equal(lora1[k], lora4[k]) for k in lora1 if k.endswith("lora_B")), "every B moves"
+    # the harness's loader attaches exactly the saved LoRA; switched off, the model is the base again
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(train_base_dir))
+    from nanochat.checkpoint_manager import load_model
+    from megacontext.end_to_end import attach_trained_lora
+    model, _, _ = load_model("base", torch.device("cpu"), phase="eval", model_tag="e2e", step=4)
+    idx = torch.randint(0, 500, (1, 24), generator=torch.Generator().manual_seed(0))
+    plain = model(idx)
+    lora, path = attach_trained_lora(model, "e2e")
+    assert path.endswith("mc_000004.pt")
+    assert all(torch.equal(v, lora4["lora." + k]) for k, v in lora.state_dict().items() if torch.is_tensor(v))
+    with lora.disabled():
+        assert torch.equal(model(idx), plain)
+    assert not torch.equal(model(idx), plain)
+    without = tmp_path / "mc_000009.pt"
+    torch.save({**s4, "lora": None}, without)  # what a run without a LoRA phase saves
+    with pytest.raises(ValueError, match="holds no LoRA"):
+        attach_trained_lora(model, str(without))
