@@ -32,7 +32,9 @@ K. Every K tokens of history (counted across feed() and generate()) it refocuses
      first slot of a chunk with the cached one, so chunking changes nothing).
 Telemetry (megacontext/telemetry.py) gets one record per refocus (actions, budget collapses,
 swap rate, residency, budget utilization, LOD histogram, refocus latency = extend + LensNet +
-allocator, recompute latency, slots recomputed/reused) and one per decode stretch.
+allocator, recompute latency, slots recomputed/reused, the actions with their pivot nodes, the
+new WC's layout and, with a LensNet, its scores of the WC it scored) and one per decode stretch;
+megacontext/viz.py replays them.
 
 Bad input. An empty history is not an error: generate() then decodes from BOS alone, exactly
 as Engine.generate([BOS]) would, and telemetry records that fallback. A tree opened read-only,
@@ -113,6 +115,7 @@ class Focus:
             last_scores=np.array([self.last_score.get(v, 0.0) for v in nodes], dtype=np.float32),
             last_change=np.array([self.index - self.last_change.get(v, -1) for v in nodes], dtype=np.float32))
         result = self.allocator.refocus(wc, scores)
+        self.last_scores = np.asarray(scores, dtype=np.float32)  # for telemetry: the scores of wc's entries
         for v, score in zip(nodes, np.nan_to_num(np.asarray(scores, dtype=np.float64))):
             self.last_score[v] = float(score)
         seen = set(nodes)
@@ -372,12 +375,12 @@ class MegaContextRuntime:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         before = {(e.level, e.index) for e in self.wc.entries}
         budget_collapses = sum(1 for e in grown.entries if e.level > 0 and (e.level, e.index) not in before)
-        new, actions, fallback = grown, [], None
+        new, actions, fallback, scores = grown, [], None, None
         if self.focus is not None and len(grown):
             from megacontext.gistnet import token_embeddings
             embed_fn = lambda ids: token_embeddings(self.model, ids.to(self.device))
             result = self.focus.refocus(grown, self.tree, embed_fn, self._tail_gists())
-            new, actions, fallback = result.wc, list(result.actions), result.fallback
+            new, actions, fallback, scores = result.wc, list(result.actions), result.fallback, self.focus.last_scores
         refocus_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         held = 0 if self.cached is None else 1 + self.cached.cost
@@ -400,7 +403,7 @@ class MegaContextRuntime:
                                                 dropped_tokens=dropped, recomputed_slots=end - s,
                                                 reusable_slots=min(s, held), step=self._refocus_index,
                                                 history_tokens=N, recompute_s=recompute_s,
-                                                actions_list=[tuple(a) for a in actions])
+                                                actions_list=[tuple(a) for a in actions], scores=scores)
             self.last.update(swap_rate=record["swap_rate"], residency=record["residency"])
         self._decode_tokens, self._decode_s = 0, 0.0
         self.wc = new

@@ -15,7 +15,11 @@ The focus metrics (DESIGN.md section 6) are pure functions, shared with the eval
     budget_utilization(wc)            WC cost / budget W
     lod_histogram(wc)                 [LOD0 entries, LOD1 entries, LOD2 entries]
 
-Telemetry.log_refocus() records them per refocus with its latencies; close() writes a
+Telemetry.log_refocus() records them per refocus with its latencies, the resulting WC's layout
+("wc", see wc_layout: runs of consecutive nodes, at most one per entry, so a record stays
+bounded by the budget) and, when the caller passes LensNet's scores, the WC they scored
+("scored_wc") with the scores in its entry order ("scores", 4 significant digits, null for NaN
+or inf); megacontext/viz.py replays them. close() writes a
 summary record (means, latency percentiles, tok/s, the last LOD histogram) and warns
 (TargetWarning, also listed in the summary) when a run leaves the seed's targets:
 ΔNLL@H > 0.10, swap rate outside 0.05-0.20, residency < 90 %.
@@ -90,6 +94,36 @@ def lod_histogram(wc):
     return counts
 
 
+def wc_layout(wc):
+    """A WC's entries as {"start": first token, "end": history length, "runs": [[level, first
+    index, count], ...]}: one run per stretch of consecutive nodes of one level (a WC is
+    contiguous, so the runs give back every entry; see wc_entries)."""
+    entries = [(int(e[0]), int(e[1]), int(e[2]), int(e[3])) for e in wc]
+    runs = []
+    for level, index, _, _ in entries:
+        if runs and runs[-1][0] == level and runs[-1][1] + runs[-1][2] == index:
+            runs[-1][2] += 1
+        else:
+            runs.append([level, index, 1])
+    return {"start": entries[0][2] if entries else 0, "end": entries[-1][3] if entries else 0, "runs": runs}
+
+
+def wc_entries(layout, block_size=32):
+    """wc_layout's inverse: [(level, index, start, end), ...], LOD0 blocks clipped to the end."""
+    out = []
+    for level, first, count in layout["runs"]:
+        span = block_size ** max(level, 1)
+        for index in range(first, first + count):
+            start, end = index * span, (index + 1) * span
+            out.append((level, index, start, min(end, layout["end"]) if level == 0 else end))
+    return out
+
+
+def rounded_scores(scores):
+    """Scores as JSON numbers of 4 significant digits (None for NaN and +-inf)."""
+    return [float(f"{s:.4g}") if math.isfinite(s) else None for s in (float(x) for x in scores)]
+
+
 def target_warnings(summary):
     """One line per seed target the summary's means leave (missing or NaN metrics are skipped)."""
     out = []
@@ -159,7 +193,10 @@ class Telemetry:
         if wandb and os.environ.get("MEGACONTEXT_ENABLE_WANDB") == "1":
             import wandb
             self.wandb_run = wandb.init(project="megacontext", name=run_name, config=config or {})
-        self.log({"event": "start", "run": run_name, "config": config or {}})
+        start = {"event": "start", "run": run_name, "config": config or {}}
+        if getattr(self.wandb_run, "url", None):  # the viewer links to it
+            start["wandb_url"] = self.wandb_run.url
+        self.log(start)
 
     def log(self, record, step=None):
         if not self.enabled:
@@ -177,9 +214,10 @@ class Telemetry:
     # --- the runtime's records ---
 
     def log_refocus(self, prev_wc, next_wc, n_actions, refocus_s, *, budget_collapses=0, dropped_tokens=0,
-                    recomputed_slots=None, reusable_slots=None, step=None, **extra):
+                    recomputed_slots=None, reusable_slots=None, step=None, scores=None, **extra):
         """One refocus: `prev_wc` the WC the focus acted on (after the new tokens joined it),
-        `next_wc` the result, `n_actions` the allocator's expand/collapse actions. The swap rate
+        `next_wc` the result, `n_actions` the allocator's expand/collapse actions, `scores`
+        LensNet's scores of prev_wc's entries (None without a LensNet). The swap rate
         counts every change of layout (allocator actions + collapses that kept the budget);
         residency compares consecutive refocus results. Returns the record."""
         n_changes = n_actions + budget_collapses
@@ -194,6 +232,10 @@ class Telemetry:
         if recomputed_slots is not None:
             record["recomputed_slots"] = recomputed_slots
             record["reusable_slots"] = reusable_slots
+        record["wc"] = wc_layout(next_wc)
+        if scores is not None:
+            record["scored_wc"] = wc_layout(prev_wc)
+            record["scores"] = rounded_scores(scores)
         record.update(extra)
         self._previous_wc = next_wc
         self._refocus.append((record["swap_rate"], record["residency"], record["budget_utilization"], refocus_s))

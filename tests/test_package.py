@@ -87,6 +87,7 @@ def test_every_module_imports_from_the_installed_wheel(installed):
     assert shipped == sorted(PACKAGES)
     assert package_modules(installed) == package_modules(REPO)  # nothing left out of the wheel
     assert (installed / "nanochat" / "ui.html").is_file()  # package data that chat_web serves
+    assert (installed / "megacontext" / "viz.html").is_file()  # and the visualizer's page
     code = (
         "import importlib, sys\n"
         f"for name in {package_modules(installed)!r}:\n"
