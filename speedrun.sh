@@ -83,6 +83,14 @@ python -m nanochat.train --config configs/lensnet_cpu.yaml 2>&1 | tee "$LOG_DIR/
 step "long-context evaluation: every method at W=128 (configs/eval_cpu.yaml) -> $NANOCHAT_BASE_DIR/eval/longctx"
 python -m megacontext.eval --config configs/eval_cpu.yaml --out "$NANOCHAT_BASE_DIR/eval/longctx" 2>&1 | tee "$LOG_DIR/longctx_eval.log"
 
+step "MegaContext end to end: GistNet, LensNet and a LoRA on the testbed model in EM cycles (configs/megacontext_cpu.yaml)"
+python -m nanochat.train --config configs/megacontext_cpu.yaml 2>&1 | tee "$LOG_DIR/megacontext_train.log"
+
+step "long-context evaluation of the end-to-end run (its GistNet, LensNet and LoRA) -> $NANOCHAT_BASE_DIR/eval/longctx_e2e"
+E2E=longctx_cpu_megacontext
+python -m megacontext.eval --config configs/eval_cpu.yaml --model_tag=$E2E --gistnet=$E2E --lensnet=$E2E --lora=$E2E \
+    --out "$NANOCHAT_BASE_DIR/eval/longctx_e2e" 2>&1 | tee "$LOG_DIR/longctx_e2e_eval.log"
+
 # SFT and chat eval read the task rows shipped in tasks/fixtures (no hub download)
 export NANOCHAT_TASK_FIXTURES="$PWD/tasks/fixtures"
 step "SFT on the offline task conversations"
@@ -110,8 +118,12 @@ python -m scripts.report_card --model-tag=cpu_tiny --wall-time-s=$(( $(date +%s)
 NEXT_RUN="cd $(printf %q "$PWD") && NANOCHAT_BASE_DIR=$(printf %q "$NANOCHAT_BASE_DIR") $(printf %q "$(command -v python)") -m"
 step "done in $(( $(date +%s) - START_TIME ))s. Artifacts: $NANOCHAT_BASE_DIR"
 if [ -f "$NANOCHAT_BASE_DIR/eval/longctx/report.json" ]; then
-    echo "Long-context headline figures:"
+    echo "Long-context headline figures (frozen base, JT1 GistNet + JT2 LensNet):"
     python -m megacontext.eval --headline "$NANOCHAT_BASE_DIR/eval/longctx/report.json"
+fi
+if [ -f "$NANOCHAT_BASE_DIR/eval/longctx_e2e/report.json" ]; then
+    echo "Long-context headline figures (end-to-end run: GistNet, LensNet and the base's LoRA trained together):"
+    python -m megacontext.eval --headline "$NANOCHAT_BASE_DIR/eval/longctx_e2e/report.json"
 fi
 echo "Report: cat $(printf %q "$NANOCHAT_BASE_DIR/report.md")"
 echo "Long-context report: cat $(printf %q "$NANOCHAT_BASE_DIR/eval/longctx/report.md")"

@@ -45,6 +45,9 @@ The `megacontext:` section (DEFAULTS below lists every key):
                                that train `lora`
   phases, cycles               see above
   budget_tokens, history_tokens, horizon, min_history, answer_tokens, mixture, data_seed
+  corpus                       null = the offline long documents (megacontext/longdocs.py); or a real
+                               corpus through `datasets` (longdocs.hf_documents' arguments, e.g.
+                               {path: emozilla/pg19, text_key: text}), split by document as the offline one
   random_wcs, focused_wcs, refocus_changes, lod1_tail
   alpha_lod1, alpha_lod2, w_lens, lens_target, argmin_margin, max_candidates, batch_rows,
   target_scale, ranking_temperature, w_regression, w_ranking, w_budget
@@ -88,7 +91,7 @@ DEFAULTS = dict(
     base_model_tag=None, base_step=None, gistnet=None, gistnet_config={}, lensnet=None, lensnet_config={},
     lora={}, phases=None, cycles=1,
     budget_tokens=128, history_tokens=1024, horizon=32, min_history=160, answer_tokens=6,
-    mixture=None, data_seed=0, random_wcs=1, focused_wcs=1, refocus_changes=4, lod1_tail=256,
+    mixture=None, data_seed=0, corpus=None, random_wcs=1, focused_wcs=1, refocus_changes=4, lod1_tail=256,
     alpha_lod1=0.1, alpha_lod2=0.1, w_lens=1.0, lens_target="argmin", argmin_margin=0.01, max_candidates=8,
     batch_rows=32, target_scale=10.0, ranking_temperature=1.0, w_regression=1.0, w_ranking=1.0, w_budget=0.1,
     lr_gistnet=1e-3, lr_lensnet=1e-3, lr_lora=1e-3, weight_decay=0.0, max_nonfinite_steps=3,
@@ -280,8 +283,16 @@ class EndToEndVariant:
         cfg = self.config
         self.bos = tokenizer.get_bos_token_id()
         mixture = cfg["mixture"] or DEFAULT_MIXTURE
+        corpus = None
+        if cfg["corpus"]:
+            from megacontext.longdocs import TokenCorpus, documents_for_split, hf_documents
+            documents = documents_for_split(list(hf_documents(**cfg["corpus"])), "train")
+            if not documents:
+                raise ValueError(f"megacontext.corpus {cfg['corpus']} has no train documents")
+            corpus = TokenCorpus.from_documents(documents, tokenizer)
+            print0(f"megacontext: {len(documents)} train documents from {cfg['corpus'].get('path')}")
         return example_batches(tokenizer, B, 1 + cfg["history_tokens"] + cfg["horizon"], "train", device, mixture,
-                               cfg["data_seed"], resume_state_dict)
+                               cfg["data_seed"], resume_state_dict, corpus=corpus)
 
     def _set_phase(self, step):
         cycle, k, (name, _, train) = phase_at(self.phases, self.config["cycles"], step)

@@ -203,12 +203,13 @@ def history_horizon(row, supervised, history_tokens, horizon, min_history, answe
 
 
 def example_batches(tokenizer, B, row_tokens, split="train", device="cpu", mixture=None, seed=0,
-                    resume_state_dict=None, sources=SOURCES):
+                    resume_state_dict=None, sources=SOURCES, corpus=None):
     """Yield (rows (B, row_tokens), (supervised (B, row_tokens) bool, row_ids (B,) int64), state)
     forever: whole rows with their supervision and their index in the stream (a pure function
     of (seed, split, index), so an example drawn from row i is the same on any number of ranks).
-    Resumes exactly from state (state["exact"]["next_row"])."""
-    stream = RowStream(tokenizer, row_tokens, split, mixture, seed, sources)
+    Resumes exactly from state (state["exact"]["next_row"]). corpus: a longdocs.TokenCorpus of the
+    split (e.g. a real corpus read with longdocs.hf_documents) instead of the offline sources."""
+    stream = RowStream(tokenizer, row_tokens, split, mixture, seed, sources, corpus=corpus)
     if stream.skipped:
         print(f"long documents: {len(stream.skipped)} {split} documents shorter than {row_tokens} tokens are "
               f"used only as synthetic filler")

@@ -213,8 +213,9 @@ def test_two_cpu_processes_train_the_same_weights_as_one(train_base_dir, tmp_pat
     a, b = mc_state(train_base_dir, "one", 4), mc_state(train_base_dir, "two", 4)
     for part in ("gistnet", "lensnet"):
         wa, wb = flat(a[part]["state_dict"]), flat(b[part]["state_dict"])
-        for k in wa:  # float sums in another order: equal to float noise, far from one step's change
-            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=f"{part}.{k}")
+        for k in wa:  # sums in another order; Adam scales that noise up where grads are tiny, so the
+            # bound is 1% of one step's change (lr 0.01): measured at most 6e-5
+            assert (wa[k] - wb[k]).abs().max() <= 1e-4, f"{part}.{k}: {(wa[k] - wb[k]).abs().max():.2e}"
 
 
 def test_a_lora_phase_moves_only_the_lora_and_the_harness_reads_it_back(train_base_dir, tmp_path, monkeypatch):
@@ -250,3 +251,22 @@ def test_a_lora_phase_moves_only_the_lora_and_the_harness_reads_it_back(train_ba
     torch.save({**s4, "lora": None}, without)  # what a run without a LoRA phase saves
     with pytest.raises(ValueError, match="holds no LoRA"):
         attach_trained_lora(model, str(without))
+
+
+def test_a_real_corpus_feeds_the_rows_through_the_datasets_loader(upstream_fixtures, tmp_path, monkeypatch):
+    import json
+    from nanochat.tokenizer import get_tokenizer
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(upstream_fixtures))
+    tokenizer = get_tokenizer()
+    rng = np.random.default_rng(0)
+    words = ["river", "stone", "lamp", "winter", "copper", "garden", "signal", "harbor"]
+    books = [" ".join(rng.choice(words, 400)) for _ in range(30)]
+    path = tmp_path / "books.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "title": f"book{i}"}) + "\n" for i, t in enumerate(books)))
+    variant = EndToEndVariant({"phases": [{"steps": 1, "train": ["gistnet"]}], "history_tokens": 128, "horizon": 16,
+                               "min_history": 64, "mixture": {"natural": 1.0},
+                               "corpus": {"path": "json", "data_files": str(path), "name_key": "title"}})
+    rows, (supervised, row_ids), state = next(variant.train_loader(tokenizer, 2, 0, "cpu", None))
+    assert rows.shape == (2, 1 + 128 + 16) and bool(supervised[:, 1:].all()) and row_ids.tolist() == [0, 1]
+    texts = [tokenizer.decode(r[1:].tolist()) for r in rows]
+    assert all(any(t.strip() in book for book in books) for t in texts)  # each row is a span of one book
