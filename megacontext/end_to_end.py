@@ -72,16 +72,15 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from nanochat.common import print0, get_dist_info
+from nanochat.common import print0
 from megacontext import base_inputs
 from megacontext.allocator import AllocatorConfig, FocusAllocator
 from megacontext.gistnet import GistNet, GistNetConfig, token_embeddings
 from megacontext.lens_targets import counterfactual_targets, lens_losses
 from megacontext.lensnet import LensNet, LensNetConfig, entry_vectors, entry_features, tail_gists_of, mask_illegal
 from megacontext.losses import pooling_mse_loss
-from megacontext.telemetry import Telemetry
 from megacontext.tree import BLOCK_SIZE
-from megacontext.variant import last_mc_file, load_base_weights
+from megacontext.variant import last_mc_file, load_base_weights, merged_config, variant_telemetry
 from megacontext.window_loader import DEFAULT_MIXTURE, example_batches, history_horizon
 from megacontext.working_context import TensorStore, WorkingContext, pack_batch
 
@@ -175,11 +174,7 @@ class EndToEndVariant:
     name = "megacontext"
 
     def __init__(self, config):
-        unknown = set(config) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown megacontext config key(s): {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(DEFAULTS))}")
-        cfg = self.config = {**DEFAULTS, **config}
+        cfg = self.config = merged_config(config, DEFAULTS, "megacontext")
         self.phases = check_phases(cfg["phases"], cfg["cycles"])
         if cfg["lens_target"] not in LENS_TARGETS:
             raise ValueError(f"megacontext.lens_target must be one of {', '.join(LENS_TARGETS)}, got {cfg['lens_target']!r}")
@@ -269,10 +264,7 @@ class EndToEndVariant:
                + (f", LoRA rank {self.lora.config.rank} ({self.lora.num_params():,} params)" if self.lora else "")
                + "; phases " + " -> ".join(f"{n} {s} [{'+'.join(sorted(t))}]" for n, s, t in self.phases)
                + f" x {cfg['cycles']}; {self.wcs_per_row} WCs per row of {self.row_length} positions")
-        rank = get_dist_info()[1]
-        run_name = cfg["run_name"] or (run_args.get("model_tag") or f"d{run_args.get('depth')}")
-        self.telemetry = Telemetry(run_name, config={"megacontext": cfg, "train": run_args}, enabled=rank == 0,
-                                   wandb=False)  # the trainer logs loss()'s metrics to its own wandb run
+        self.telemetry = variant_telemetry(cfg, run_args, "megacontext")
         self.allocator = FocusAllocator(AllocatorConfig(tau_expand=0.0, tau_collapse=0.0, max_changes=cfg["refocus_changes"],
                                                         cooldown=0, hysteresis=0.0))
         return groups

@@ -56,22 +56,20 @@ upstream's files, with the GistNet identity), the sampling of JT2 examples and t
 It never changes the base model's or GistNet's weights; a vanilla run never touches this file.
 """
 
-import os
 import time
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from nanochat.common import get_base_dir, print0, get_dist_info
+from nanochat.common import print0
 from megacontext import base_inputs
 from megacontext.gistnet import token_embeddings
 from megacontext.lensnet import LensNet, LensNetConfig, entry_vectors, entry_features, tail_gists_of, mask_illegal
 from megacontext.lens_targets import (counterfactual_targets, attention_mass, attention_targets, lens_losses,
                                       horizon_nlls, item_store)
-from megacontext.telemetry import Telemetry
 from megacontext.tree import BLOCK_SIZE
-from megacontext.variant import last_mc_file, load_base_weights
+from megacontext.variant import last_mc_file, load_base_weights, merged_config, variant_telemetry
 from megacontext.window_loader import history_horizon
 from megacontext.working_context import WorkingContext, TensorStore
 
@@ -91,11 +89,7 @@ class LensNetVariant:
     name = "lensnet"
 
     def __init__(self, config):
-        unknown = set(config) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown lensnet config key(s): {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(DEFAULTS))}")
-        cfg = self.config = {**DEFAULTS, **config}
+        cfg = self.config = merged_config(config, DEFAULTS, "lensnet")
         if cfg["target"] not in TARGETS:
             raise ValueError(f"lensnet.target must be one of {', '.join(TARGETS)}, got {cfg['target']!r}")
         if cfg["budget_tokens"] < 2 * BLOCK_SIZE:
@@ -144,10 +138,7 @@ class LensNetVariant:
         self.lensnet.to(device).train()
         print0(f"LensNet: d_model {lens_config.d_model}, {lens_config.n_layer} layers "
                f"({self.lensnet.num_params():,} params); GistNet {self.gistnet_identity} (frozen)")
-        rank = get_dist_info()[1]
-        run_name = cfg["run_name"] or (run_args.get("model_tag") or f"d{run_args.get('depth')}")
-        self.telemetry = Telemetry(run_name, config={"lensnet": cfg, "train": run_args}, enabled=rank == 0,
-                                   wandb=False)  # the trainer logs loss()'s metrics to its own wandb run
+        self.telemetry = variant_telemetry(cfg, run_args, "lensnet")
         return [dict(kind="adamw", params=list(self.lensnet.parameters()), lr=cfg["lr"],
                      betas=(0.9, 0.95), eps=1e-10, weight_decay=cfg["weight_decay"])]
 
@@ -274,7 +265,6 @@ class LensNetVariant:
         return self.lensnet.score_batch(batch)
 
     def _attention_targets(self, items):
-        cfg = self.config
         by_history = {}
         for it in items:  # the WCs of one row share its history: one attention pass per row
             by_history.setdefault(id(it["history"]), it)

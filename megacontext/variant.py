@@ -72,11 +72,7 @@ class MegaContextVariant:
     name = "megacontext"
 
     def __init__(self, config):
-        unknown = set(config) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown megacontext config key(s): {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(DEFAULTS))}")
-        self.config = {**DEFAULTS, **config}
+        self.config = merged_config(config, DEFAULTS, "megacontext")
         if self.config["context_tokens"] % BLOCK_SIZE != 0 or self.config["context_tokens"] < 2 * BLOCK_SIZE:
             raise ValueError(f"megacontext.context_tokens must be a multiple of {BLOCK_SIZE} and at least "
                              f"{2 * BLOCK_SIZE}, got {self.config['context_tokens']}")
@@ -122,10 +118,7 @@ class MegaContextVariant:
         if not trainable:
             raise ValueError(f"GistNet head '{gist_config.head}' has no parameters to train; "
                              f"use head: attention or mean_linear")
-        rank = get_dist_info()[1]
-        run_name = cfg["run_name"] or (run_args.get("model_tag") or f"d{run_args.get('depth')}")
-        self.telemetry = Telemetry(run_name, config={"megacontext": cfg, "train": run_args}, enabled=rank == 0,
-                                   wandb=False)  # the trainer logs loss()'s metrics to its own wandb run
+        self.telemetry = variant_telemetry(cfg, run_args, "megacontext")
         return [dict(kind="adamw", params=trainable, lr=cfg["lr"],
                      betas=(0.9, 0.95), eps=1e-10, weight_decay=cfg["weight_decay"])]
 
@@ -215,6 +208,27 @@ class MegaContextVariant:
     def _load_base_weights(self, model, run_args):
         load_base_weights(model, self.config["base_model_tag"], self.config["base_step"], run_args, section="megacontext",
                           example="base_model_tag: cpu_tiny after `python -m nanochat.train --config configs/cpu_tiny.yaml`")
+
+# -----------------------------------------------------------------------------
+# Config and telemetry shared by the MegaContext variants (JT1 here, JT2 in lens_training.py,
+# end-to-end training in end_to_end.py)
+
+
+def merged_config(config, defaults, section):
+    """defaults <- config, refusing keys the variant does not know (one line listing the known ones)."""
+    unknown = set(config) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown {section} config key(s): {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(defaults))}")
+    return {**defaults, **config}
+
+
+def variant_telemetry(cfg, run_args, section):
+    """The run's telemetry JSONL (rank 0 only), named by run_name or the model tag. It opens no
+    wandb run: the trainer logs loss()'s metrics to its own."""
+    run_name = cfg["run_name"] or (run_args.get("model_tag") or f"d{run_args.get('depth')}")
+    return Telemetry(run_name, config={section: cfg, "train": run_args}, enabled=get_dist_info()[1] == 0, wandb=False)
+
 
 # -----------------------------------------------------------------------------
 # Checkpoints shared by the MegaContext variants (JT1 here, JT2 in lens_training.py)
