@@ -24,7 +24,6 @@ This module owns the sources, the split rule and tokenization into a TokenCorpus
 cuts windows (window_loader.py) and never plants synthetic tasks (synthetic.py).
 """
 
-import os
 import re
 import hashlib
 import sysconfig
