@@ -270,3 +270,32 @@ def test_a_real_corpus_feeds_the_rows_through_the_datasets_loader(upstream_fixtu
     assert rows.shape == (2, 1 + 128 + 16) and bool(supervised[:, 1:].all()) and row_ids.tolist() == [0, 1]
     texts = [tokenizer.decode(r[1:].tolist()) for r in rows]
     assert all(any(t.strip() in book for book in books) for t in texts)  # each row is a span of one book
+
+
+def test_a_base_phase_trains_the_base_model_and_other_phases_leave_it(train_base_dir, tmp_path):
+    phases = "[{name: gist, steps: 2, train: [gistnet]}, {name: base, steps: 2, train: [base, gistnet]}]"
+    r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path, "--num-iterations=4", "--save-every=2",
+                         f"--megacontext.phases={phases}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ckpt = train_base_dir / "base_checkpoints" / "e2e"
+    base = torch.load(train_base_dir / "base_checkpoints" / "d2" / "model_000040.pt")
+    at2, at4 = torch.load(ckpt / "model_000002.pt"), torch.load(ckpt / "model_000004.pt")
+    assert all(torch.equal(base[k], at2[k]) for k in base), "the gist phase must not move the base"
+    moved = [k for k in base if not torch.equal(at2[k], at4[k])]
+    assert "lm_head.weight" in moved and any(".attn.c_q." in k for k in moved)  # Muon and AdamW groups both step
+
+
+@pytest.mark.slow
+def test_the_compiled_model_reads_every_step_without_recompiling(train_base_dir, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(E2E_CONFIG)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(train_base_dir), NANOCHAT_COMPILE="1", OMP_NUM_THREADS="1",
+               MEGACONTEXT_ARTIFACT_ROOT=str(tmp_path / "artifacts"), TORCH_LOGS="recompiles")
+    r = subprocess.run([sys.executable, "-m", "nanochat.train", "--config", str(cfg), "--num-iterations=6",
+                        "--megacontext.phases=[{name: gist, steps: 6, train: [gistnet]}]"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("phase: gist") == 6
+    # the fixed-shape WC batch: GPT.forward compiles once and is reused by every later step
+    gpt_recompiles = [line for line in r.stderr.splitlines() if "Recompiling function forward" in line and "gpt.py" in line]
+    assert not gpt_recompiles, gpt_recompiles
