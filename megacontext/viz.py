@@ -8,8 +8,8 @@ and explore the tree under it, in one FastAPI app with one static page (megacont
 
 Then open the printed URL. It binds 127.0.0.1 by default (--host 0.0.0.0 exposes it).
 
-Sources. The stream replays a telemetry JSONL (megacontext/telemetry.py; the runtime, the
-trainer and the eval harness write them) from its first line and then keeps tailing it, so a
+Sources. The stream replays a telemetry JSONL (megacontext/telemetry.py; the runtime and the
+MegaContext training variants write them) from its first line and then keeps tailing it, so a
 recorded run and a live one (`python -m megacontext.run --memory DIR ...` writing the file now)
 are the same stream: a live run appears within one poll (0.2 s) of each refocus, and replaying
 its file later gives the same messages. --run-log may be a file or a directory; a directory
