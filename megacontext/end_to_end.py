@@ -75,14 +75,14 @@ import torch
 from nanochat.common import print0
 from megacontext import base_inputs
 from megacontext.allocator import AllocatorConfig, FocusAllocator
-from megacontext.gistnet import GistNet, GistNetConfig, token_embeddings
-from megacontext.lens_targets import counterfactual_targets, lens_losses
-from megacontext.lensnet import LensNet, LensNetConfig, entry_vectors, entry_features, tail_gists_of, mask_illegal
+from megacontext.gistnet import GistNet, GistNetConfig, history_gists, token_embeddings
+from megacontext.lens_targets import counterfactual_targets, item_store, lens_losses, lens_scores, masked_horizon_nll
+from megacontext.lensnet import LensNet, LensNetConfig, tail_gists_of, mask_illegal
 from megacontext.losses import pooling_mse_loss
 from megacontext.tree import BLOCK_SIZE
 from megacontext.variant import last_mc_file, load_base_weights, merged_config, variant_telemetry
 from megacontext.window_loader import DEFAULT_MIXTURE, example_batches, history_horizon
-from megacontext.working_context import TensorStore, WorkingContext, pack_batch
+from megacontext.working_context import TensorStore, WorkingContext
 
 MODULES = ("gistnet", "lensnet", "lora", "base")
 LENS_TARGETS = ("argmin", "counterfactual")
@@ -381,22 +381,10 @@ class EndToEndVariant:
     # the step's pieces
 
     def _gists(self, histories, grad):
-        """Per history (lod1 (n_blocks, D), lod2 (n_groups, D)), differentiable when grad."""
-        n_blocks = [len(h) // BLOCK_SIZE for h in histories]
-        blocks = [h[:n * BLOCK_SIZE].reshape(n, BLOCK_SIZE) for h, n in zip(histories, n_blocks) if n]
+        """Per history dict(lod1 (n_blocks, D), lod2 (n_groups, D), inputs) in fp32, differentiable when grad."""
         with torch.set_grad_enabled(grad):
-            with torch.no_grad():
-                inputs = token_embeddings(self.model, torch.cat(blocks))
-            lod1_all = self.gistnet(inputs, 1).float()
-            out, cursor = [], 0
-            for n in n_blocks:
-                lod1 = lod1_all[cursor:cursor + n]
-                groups = n // BLOCK_SIZE
-                lod2 = (self.gistnet(lod1[:groups * BLOCK_SIZE].reshape(groups, BLOCK_SIZE, -1), 2).float()
-                        if groups else lod1[:0])
-                out.append(dict(lod1=lod1, lod2=lod2, inputs=inputs[cursor:cursor + n]))
-                cursor += n
-        return out
+            return [dict(lod1=lod1, lod2=lod2, inputs=inputs)
+                    for lod1, lod2, inputs in history_gists(self.model, self.gistnet, histories, torch.float32)]
 
     def _gist_losses(self, examples, lod):
         """(LOD1, LOD2) pooling losses, each the mean over rows of the row's mean (rows without a
@@ -438,20 +426,10 @@ class EndToEndVariant:
 
     def _horizon_nll(self, model, items):
         """Mean NLL over each WC's scored horizon tokens -> (R,), in one fixed-shape batch."""
-        base = self.model
-        device = base.get_device()
-        horizons = torch.stack([it["horizon"] for it in items]).to(device)
-        masks = torch.stack([it["horizon_mask"] for it in items]).to(device)
-        stores = [TensorStore(it["history"], it["lod1"], it["lod2"]) for it in items]
-        batch = pack_batch([it["wc"] for it in items], stores, horizons, n_embd=base.config.n_embd,
-                           bos_id=self.bos, length=self.row_length, device=device)
-        idx, targets = batch["idx"], batch["targets"]
-        first = (targets >= 0).float().argmax(1)  # the position predicting horizon token 0
-        cols = first[:, None] + torch.arange(horizons.size(1), device=device)[None, :]
-        targets.scatter_(1, cols, torch.where(masks, horizons, torch.full_like(horizons, -1)))
-        with base_inputs.gist_inputs(model, batch["gist_mask"], batch["gist_vectors"]):
-            losses = model(idx, targets, loss_reduction="none").view(idx.shape)
-        return losses.float().sum(1) / masks.sum(1).clamp(min=1)
+        nll, _ = masked_horizon_nll(model, [it["wc"] for it in items], [item_store(it) for it in items],
+                                    torch.stack([it["horizon"] for it in items]),
+                                    torch.stack([it["horizon_mask"] for it in items]), self.bos, self.row_length)
+        return nll.float()
 
     def _lens_loss(self, items, nll):
         """LensNet's losses on each row's recency WC, with this step's targets."""
@@ -470,14 +448,7 @@ class EndToEndVariant:
                 (base_item, base_nll), best = group[0], min(group, key=lambda p: p[1])
                 scored.append(base_item)
                 targets.append(detail_targets(base_item["wc"], best[0]["wc"], base_nll - best[1], cfg["argmin_margin"]))
-        embed = lambda ids: token_embeddings(self.model, ids)
-        batch = []
-        with torch.no_grad():
-            for it in scored:
-                store = TensorStore(it["history"], it["lod1"].detach(), it["lod2"].detach())
-                batch.append((entry_vectors(it["wc"], store, embed), entry_features(it["wc"]).to(it["lod1"].device),
-                              it["tail"]))
-        scores = self.lensnet.score_batch(batch)
+        scores = lens_scores(self.lensnet, scored, lambda ids: token_embeddings(self.model, ids))
         per_row = [lens_losses([s], [t], [it["wc"]], cfg["target_scale"], cfg["ranking_temperature"])
                    for s, t, it in zip(scores, targets, scored)]
         parts = {k: torch.stack([p[k] for p in per_row]).mean() for k in per_row[0]}

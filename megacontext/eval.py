@@ -242,23 +242,9 @@ class Harness:
     def _gists(self, histories, gistnet):
         """Per history (multiple of nothing): (lod1 (n_blocks, D), lod2 (n_groups, D)) over its whole blocks."""
         import torch
-        from megacontext.gistnet import token_embeddings
-        from megacontext.tree import BLOCK_SIZE as B
-        out = []
+        from megacontext.gistnet import history_gists
         with torch.no_grad():
-            n_blocks = [len(h) // B for h in histories]
-            blocks = [torch.as_tensor(h[:n * B], dtype=torch.long).view(n, B) for h, n in zip(histories, n_blocks) if n]
-            lod1_all = (gistnet(token_embeddings(self.model, torch.cat(blocks).to(self.device)), 1)
-                        if blocks else None)
-            cursor = 0
-            for n in n_blocks:
-                lod1 = lod1_all[cursor:cursor + n] if n else torch.zeros(0, self.model.config.n_embd, device=self.device)
-                cursor += n
-                groups = n // B
-                lod2 = (gistnet(lod1[:groups * B].reshape(groups, B, -1), 2) if groups
-                        else torch.zeros(0, lod1.size(-1), device=self.device))
-                out.append((lod1, lod2))
-        return out
+            return [(lod1, lod2) for lod1, lod2, _ in history_gists(self.model, gistnet, histories)]
 
     def base_wc(self, n):
         from megacontext.working_context import WorkingContext

@@ -74,6 +74,42 @@ def token_embeddings(model, token_ids):
     return norm(x.to(COMPUTE_DTYPE))
 
 
+
+def history_gists(model, gistnet, histories, dtype=None):
+    """GistNet's gists of whole histories: per history (1-D token ids) a tuple
+    (lod1 (n_blocks, D), lod2 (n_groups, D), inputs (n_blocks, 32, D)): the LOD1 gist of each
+    whole 32-token block (one batched call over every history), the LOD2 gist of each whole
+    group of 32 blocks, and the blocks' token embeddings. Autograd reaches GistNet unless the
+    caller runs under no_grad (the embeddings never carry a gradient). dtype: cast the LOD1
+    gists to it before the LOD2 gists are made from them, and those too; None keeps GistNet's
+    output dtype."""
+    from megacontext.tree import BLOCK_SIZE as B
+    base = getattr(model, "_orig_mod", model)
+    device, D = base.get_device(), base.config.n_embd
+    n_blocks = [len(h) // B for h in histories]
+    blocks = [torch.as_tensor(h[:n * B], dtype=torch.long, device=device).view(n, B)
+              for h, n in zip(histories, n_blocks) if n]
+    with torch.no_grad():
+        inputs_all = token_embeddings(model, torch.cat(blocks)) if blocks else None
+    lod1_all = gistnet(inputs_all, 1) if blocks else None
+    if lod1_all is not None and dtype is not None:
+        lod1_all = lod1_all.to(dtype)
+    out, cursor = [], 0
+    for n in n_blocks:
+        if n:
+            lod1, inputs = lod1_all[cursor:cursor + n], inputs_all[cursor:cursor + n]
+        else:
+            lod1, inputs = torch.zeros(0, D, device=device), torch.zeros(0, B, D, device=device)
+        cursor += n
+        groups = n // B
+        lod2 = gistnet(lod1[:groups * B].reshape(groups, B, -1), 2) if groups else None
+        if lod2 is None:
+            lod2 = torch.zeros(0, lod1.size(-1), device=device) if dtype is None else lod1[:0]
+        elif dtype is not None:
+            lod2 = lod2.to(dtype)
+        out.append((lod1, lod2, inputs))
+    return out
+
 class BidirectionalAttention(nn.Module):
     """Multi-head attention without a causal mask, with QK-norm like the base model.
 

@@ -70,28 +70,48 @@ def item_store(item):
     return TensorStore(item["history"], item["lod1"], item["lod2"])
 
 
-def horizon_nlls(model, wcs, stores, horizons, horizon_masks, bos_id=None, batch_rows=32):
-    """Mean NLL over each WC's scored horizon tokens -> (R,) float32 tensor.
-    wcs: R WorkingContexts, each read from stores[r] (rows [BOS] + WC + horizon, pack_batch);
-    horizons (R, H) token ids; horizon_masks (R, H) bool (False = not scored, e.g. the filler
-    of a synthetic row). A row with no scored token gets NaN."""
+def lens_scores(lensnet, items, embed_fn):
+    """LensNet's raw scores of every item's WC (list of (n_i,) tensors), in one padded batch; the
+    inputs are built without gradients, so gradients reach LensNet only."""
+    from megacontext.lensnet import entry_vectors, entry_features
+    batch = []
+    with torch.no_grad():
+        for it in items:
+            batch.append((entry_vectors(it["wc"], item_store(it), embed_fn),
+                          entry_features(it["wc"]).to(it["lod1"].device), it["tail"]))
+    return lensnet.score_batch(batch)
+
+
+def masked_horizon_nll(model, wcs, stores, horizons, horizon_masks, bos_id=None, length=None):
+    """One packed batch: the mean NLL over each WC's scored horizon tokens -> ((R,) tensor on the
+    model's device, (R,) count of scored tokens). wcs: R WorkingContexts, each read from stores[r]
+    (rows [BOS] + WC + horizon, pack_batch; `length` pads to a fixed shape); horizons (R, H) token
+    ids; horizon_masks (R, H) bool (False = not scored, e.g. the filler of a synthetic row). A row
+    with no scored token gets 0. Differentiable (gists in the stores, the model) unless the caller
+    runs under no_grad."""
     base = getattr(model, "_orig_mod", model)
     device = base.get_device()
+    hz, hm = horizons.to(device), horizon_masks.to(device)
+    batch = pack_batch(wcs, stores, hz, n_embd=base.config.n_embd, bos_id=bos_id, length=length, device=device)
+    idx, targets = batch["idx"], batch["targets"]
+    first = (targets >= 0).float().argmax(1)  # position predicting horizon token 0
+    cols = first[:, None] + torch.arange(hz.size(1), device=device)[None, :]
+    targets.scatter_(1, cols, torch.where(hm, hz, torch.full_like(hz, -1)))
+    with gist_inputs(model, batch["gist_mask"], batch["gist_vectors"]):
+        losses = model(idx, targets, loss_reduction="none").view(idx.shape)
+    n = hm.sum(1)
+    return losses.sum(1) / n.clamp(min=1), n
+
+
+def horizon_nlls(model, wcs, stores, horizons, horizon_masks, bos_id=None, batch_rows=32):
+    """masked_horizon_nll in batches of batch_rows rows, without gradients -> (R,) float32 CPU
+    tensor; a row with no scored token gets NaN."""
     out = torch.empty(len(wcs), dtype=torch.float32)
     with torch.no_grad():
         for k in range(0, len(wcs), batch_rows):
-            hz = horizons[k:k + batch_rows].to(device)
-            hm = horizon_masks[k:k + batch_rows].to(device)
-            batch = pack_batch(wcs[k:k + batch_rows], stores[k:k + batch_rows], hz, n_embd=base.config.n_embd,
-                               bos_id=bos_id, device=device)
-            idx, targets = batch["idx"], batch["targets"]
-            first = (targets >= 0).float().argmax(1)  # position predicting horizon token 0
-            cols = first[:, None] + torch.arange(hz.size(1), device=device)[None, :]
-            targets.scatter_(1, cols, torch.where(hm, hz, torch.full_like(hz, -1)))
-            with gist_inputs(model, batch["gist_mask"], batch["gist_vectors"]):
-                losses = model(idx, targets, loss_reduction="none").view(idx.shape)
-            n = hm.sum(1)
-            out[k:k + len(hz)] = (losses.sum(1) / n.clamp(min=1)).float().cpu().masked_fill(n.cpu() == 0, float("nan"))
+            nll, n = masked_horizon_nll(model, wcs[k:k + batch_rows], stores[k:k + batch_rows],
+                                        horizons[k:k + batch_rows], horizon_masks[k:k + batch_rows], bos_id)
+            out[k:k + len(nll)] = nll.float().cpu().masked_fill(n.cpu() == 0, float("nan"))
     return out
 
 

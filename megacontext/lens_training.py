@@ -64,14 +64,14 @@ import torch
 
 from nanochat.common import print0
 from megacontext import base_inputs
-from megacontext.gistnet import token_embeddings
-from megacontext.lensnet import LensNet, LensNetConfig, entry_vectors, entry_features, tail_gists_of, mask_illegal
+from megacontext.gistnet import history_gists, token_embeddings
+from megacontext.lensnet import LensNet, LensNetConfig, tail_gists_of, mask_illegal
 from megacontext.lens_targets import (counterfactual_targets, attention_mass, attention_targets, lens_losses,
-                                      horizon_nlls, item_store)
+                                      horizon_nlls, item_store, lens_scores)
 from megacontext.tree import BLOCK_SIZE
 from megacontext.variant import last_mc_file, load_base_weights, merged_config, variant_telemetry
 from megacontext.window_loader import history_horizon
-from megacontext.working_context import WorkingContext, TensorStore
+from megacontext.working_context import WorkingContext
 
 TARGETS = ("counterfactual", "attention", "mixed")
 DEFAULTS = dict(
@@ -220,19 +220,8 @@ class LensNetVariant:
 
     @torch.no_grad()
     def _gists(self, histories):
-        """Per history (lod1 (n_blocks, D), lod2 (n_groups, D)) from the frozen GistNet."""
-        n_blocks = [len(h) // BLOCK_SIZE for h in histories]
-        blocks = [h[:n * BLOCK_SIZE].reshape(n, BLOCK_SIZE) for h, n in zip(histories, n_blocks) if n]
-        lod1_all = self.gistnet(token_embeddings(self.model, torch.cat(blocks)), 1).float()
-        out, cursor = [], 0
-        for n in n_blocks:
-            lod1 = lod1_all[cursor:cursor + n]
-            cursor += n
-            groups = n // BLOCK_SIZE
-            lod2 = (self.gistnet(lod1[:groups * BLOCK_SIZE].reshape(groups, BLOCK_SIZE, -1), 2).float() if groups
-                    else lod1[:0])
-            out.append((lod1, lod2))
-        return out
+        """Per history (lod1 (n_blocks, D), lod2 (n_groups, D)) from the frozen GistNet, in fp32."""
+        return [(lod1, lod2) for lod1, lod2, _ in history_gists(self.model, self.gistnet, histories, torch.float32)]
 
     def _items(self, x, y, rng, n_wcs, recency_only=False):
         """The examples of a micro-batch: one dict per WC (see lens_targets.counterfactual_targets)."""
@@ -255,14 +244,7 @@ class LensNetVariant:
 
     def _scores(self, items):
         """LensNet's raw scores of every item's WC, in one padded batch (with gradients)."""
-        embed = lambda ids: token_embeddings(self.model, ids)
-        batch = []
-        with torch.no_grad():
-            for it in items:
-                store = TensorStore(it["history"], it["lod1"], it["lod2"])
-                batch.append((entry_vectors(it["wc"], store, embed), entry_features(it["wc"]).to(it["lod1"].device),
-                              it["tail"]))
-        return self.lensnet.score_batch(batch)
+        return lens_scores(self.lensnet, items, lambda ids: token_embeddings(self.model, ids))
 
     def _attention_targets(self, items):
         by_history = {}

@@ -189,8 +189,8 @@ def before_optimizer_step(variant, optimizer, train_loss, step, checkpoint_dir):
     """
     import torch
     limit = getattr(variant, "max_nonfinite_steps", None)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     if limit:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         bad = torch.tensor(0.0 if bool(torch.isfinite(train_loss).all()) and _grads_finite(params) else 1.0)
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
