@@ -128,7 +128,9 @@ class ChatSession:
         self.reset()
 
     @classmethod
-    def from_config(cls, engine, config):
+    def from_config(cls, engine, config, session_id=None):
+        """session_id names a conversation for front-ends that keep several (chat_web); a plain
+        session holds its conversation in memory, so it needs no name."""
         return cls(engine, max_tokens=config["max_tokens"], temperature=config["temperature"],
                    top_k=config["top_k"], seed=config["seed"])
 
@@ -302,14 +304,15 @@ class CompletionSession(ChatSession):
         return ("assistant", text)
 
 
-def build_session(engine, config, variant=None, continue_base=False):
+def build_session(engine, config, variant=None, continue_base=False, session_id=None):
     """The session for this run: the variant's own when it has one, else a plain ChatSession
-    (or, with continue_base and a base model, a CompletionSession)."""
+    (or, with continue_base and a base model, a CompletionSession). session_id names the
+    conversation (scripts/chat_web keeps one session per id; a variant may keep its state by it)."""
     make_session = getattr(variant, "chat_session", None)  # hook: a variant may run the chat its own way
     if make_session is None:
         plain = continue_base and config["source"] == "base"
         make_session = (CompletionSession if plain else ChatSession).from_config
-    return make_session(engine, config)
+    return make_session(engine, config, session_id=session_id)
 
 # -----------------------------------------------------------------------------
 # Front-ends: loading, the REPL, one-shot mode
@@ -359,6 +362,10 @@ def run_repl(session, read_line=input, out=None):
             continue
         if not user_input:
             continue
+        answer = getattr(session, "command", lambda text: None)(user_input)  # hook: a variant's session answers its own commands (/memory, /forget)
+        if answer is not None:  # hook: it was one of them
+            say(answer)
+            continue
         try:
             notice = session.add_user_message(user_input)
         except ValueError as e:
@@ -398,10 +405,13 @@ def run_chat(settings, variant=None, continue_base=False):
         session = build_session(engine, settings, variant, continue_base)
     if getattr(session, "notice", None):
         print(session.notice, file=sys.stderr, flush=True)  # said once, before anything else
-    if one_shot:
-        run_prompt(session, settings["prompt"])
-    else:
-        run_repl(session)
+    try:
+        if one_shot:
+            run_prompt(session, settings["prompt"])
+        else:
+            run_repl(session)
+    finally:
+        getattr(session, "close", lambda: None)()  # hook: a variant's session flushes what it keeps (its memory)
     return session
 
 
@@ -434,7 +444,8 @@ def main(argv=None):
             config_path = argv.pop(i).split("=", 1)[1]
             break
     try:
-        settings, variant_name, variant_config = hooks.load_run_config(config_path, hooks.parse_overrides(argv), DEFAULTS)
+        settings, variant_name, variant_config = hooks.load_run_config(config_path, hooks.parse_overrides(argv), DEFAULTS,
+                                                                       variant_flags=True)  # hook: --flags chat does not know go to the variant's section
         settings = validate_settings(settings)
         variant = hooks.get_variant(variant_name, variant_config)
     except (FileNotFoundError, ValueError) as e:

@@ -340,13 +340,16 @@ def _coerce(value, like, key):
     return value
 
 
-def load_run_config(path, overrides, defaults, sections=None):
+def load_run_config(path, overrides, defaults, sections=None, variant_flags=False):
     """
     Merge defaults <- YAML file <- overrides. `defaults` is a flat dict of known keys.
     The YAML may also hold `variant: NAME` and one mapping section per variant (its config).
     Returns (flat settings dict, variant name, variant config dict). Unknown keys are errors.
     `sections`, a dict of section name -> dict, receives the other sections the caller knows
     (e.g. {"data": {}}), with their `--data.key=value` overrides.
+    variant_flags: a plain override that is not one of `defaults` goes to the variant's section
+    (python -m nanochat.chat --ingest FILE = --megacontext.ingest FILE) when the run names a
+    variant other than vanilla; the variant then checks its own keys.
     """
     extra_sections = {} if sections is None else sections
     data = {}
@@ -386,6 +389,9 @@ def load_run_config(path, overrides, defaults, sections=None):
             if section != variant_name:
                 raise ValueError(f"override --{key} is for variant '{section}', but this run uses '{variant_name}'")
             variant_config[sub] = _coerce(value, variant_config.get(sub), key)
+            continue
+        if key not in defaults and variant_flags and variant_name != "vanilla":
+            variant_config[key] = _coerce(value, variant_config.get(key), key)
             continue
         if key not in defaults:
             raise ValueError(f"unknown config key '{key}' (from the command line); known keys: {', '.join(sorted(defaults))}")

