@@ -61,7 +61,11 @@ POOLING_AT_TARGET = 1e-8  # pooling_mse below this: the head already is the mean
 
 
 def make_variant(config):
-    """`variant: megacontext`: end-to-end training when the section lists phases, else JT1."""
+    """`variant: megacontext`: the memory chat when the section says `chat: true`, end-to-end
+    training when it lists phases, else JT1."""
+    if (config or {}).get("chat"):
+        from megacontext.memory_chat import MemoryChatVariant
+        return MemoryChatVariant(config)
     if "phases" in (config or {}):
         from megacontext.end_to_end import EndToEndVariant
         return EndToEndVariant(config)
