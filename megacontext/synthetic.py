@@ -35,6 +35,13 @@ an answer's tokens are only the retrieved content. needle and assoc cases also c
 them after the answer, which multiplies the retrieval targets a row holds (the multi-query
 form of associative recall); an evaluation scores the one answer only.
 
+A case as a document, for the chat demo (the fact far back in a text to --ingest):
+
+    python -m megacontext.synthetic --task passkey --history 4096 --depth 0.2 --out passkey.txt
+
+writes the history's text without its BOS and question (filler from the held-out test documents,
+the CPU preset's tokenizer) and prints the question and the answer.
+
 This module owns the templates and their construction. It never tokenizes whole documents
 (longdocs.py) and never cuts rows for training (window_loader.py).
 """
@@ -199,3 +206,39 @@ def make_case(kind, rng, tokenizer, corpus, history_tokens, depth):
     extra["question_start"] = history_tokens - len(question)
     return Case(kind=kind, tokens=tokens, history_tokens=history_tokens, answer_len=len(answer), depth=depth,
                 needle_start=starts[0], needle_end=starts[0] + len(plants[0][1]), extra=extra)
+
+
+def main(argv=None):
+    """Write one case's history as a text file (see the module docstring)."""
+    import argparse
+    import random
+    import sys
+    parser = argparse.ArgumentParser(description="Write a synthetic long-range case as a document to ingest.")
+    parser.add_argument("--task", default="passkey", choices=TASKS)
+    parser.add_argument("--history", type=int, default=4096, help="history length in tokens (default 4096)")
+    parser.add_argument("--depth", type=float, default=0.2, help="where the fact sits, 0..1 (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="the text file to write")
+    args = parser.parse_args(argv)
+    try:
+        from nanochat.tokenizer import get_tokenizer
+        from megacontext.longdocs import load_corpus
+        tokenizer = get_tokenizer()
+        case = make_case(args.task, random.Random(args.seed), tokenizer, load_corpus(tokenizer, "test"),
+                         args.history, args.depth)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    q = case.extra["question_start"]
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(tokenizer.decode(case.history[1:q].tolist()))
+    back = q - case.needle_start
+    print(f"wrote {args.out}: {q - 1:,} tokens, the fact {back:,} tokens before the end")
+    print(f"fact:     {tokenizer.decode(case.tokens[case.needle_start:case.needle_end].tolist()).strip()!r}")
+    print(f"question: {tokenizer.decode(case.history[q:].tolist())!r}")
+    print(f"answer:   {tokenizer.decode(case.answer.tolist())!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -224,3 +224,19 @@ def test_synthetic_rows_supervise_the_question_and_answers_only(tokenizer, monke
     x2, y2, _ = next(LongDocSource({"source": "longdocs", "mixture": {"assoc": 1.0}, "synthetic_targets": "all"})
                      .train_loader(tokenizer, 1, 512, "cpu"))
     assert (x2 == x).all() and (y2 >= 0).all()
+
+
+def test_a_case_written_as_a_document_holds_the_fact_and_prints_question_and_answer(fixture_base_dir, tmp_path, capsys,
+                                                                                     tokenizer, monkeypatch):
+    from megacontext import synthetic
+    text = "".join(f"Line {i} of a held-out play, with words enough to fill.\n" for i in range(400))
+    small = TokenCorpus.from_documents([Document("play", "test", text)], tokenizer)
+    monkeypatch.setattr(longdocs, "load_corpus", lambda tok, split: small)  # the real one tokenizes for minutes
+    out = tmp_path / "passkey.txt"
+    assert synthetic.main(["--task", "passkey", "--history", "600", "--depth", "0.3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    answer = printed.split("answer:")[1].strip().strip("'")
+    text = out.read_text()
+    assert f"The pass key is {answer}." in text and "What is the pass key?" not in text
+    assert text.index(f"The pass key is {answer}") < len(text) // 2  # depth 0.3: in the first half
+    assert "question: '\\nWhat is the pass key? The pass key is '" in printed
