@@ -38,7 +38,8 @@ Config keys (the variant's section; on the chat command line as --key=value):
   lora            an end-to-end run's model tag or mc path whose LoRA the base reads through; null = none
   budget_tokens   W, refocus_every  K
   memory          the memory dir (created if missing); default $NANOCHAT_BASE_DIR/megacontext/chat/default.
-                  A front-end that keeps several conversations (chat_web) gives each <memory>/<session id>.
+                  A front-end that keeps several conversations (chat_web) gives each its own:
+                  <memory>/sessions/<session id> (default root $NANOCHAT_BASE_DIR/megacontext/chat).
   ingest          a file or a directory of text files to add to memory before the chat (progress bar;
                   a file already whole in memory, same path and SHA-256, is skipped); glob, encoding
   render          auto | chat | text
@@ -160,10 +161,7 @@ class MemoryChatSession:
         if config["lensnet"]:
             from megacontext.lensnet import load_lensnet
             self.lensnet = load_lensnet(config["lensnet"], self.model.config.n_embd, device)
-        memory = config["memory"] or os.path.join(_base_dir(), "megacontext", "chat")
-        if session_id is not None or not config["memory"]:
-            memory = os.path.join(memory, session_id or "default")
-        self.memory = Path(os.path.expanduser(str(memory)))
+        self.memory = memory_dir(config["memory"], session_id)
         self.tree = self.rt = self.telemetry = None
         self.turns = []                 # (role, text) of this session's conversation
         self.expanded = []              # (level, index) expanded while reading and answering the last message
@@ -254,12 +252,16 @@ class MemoryChatSession:
         return added
 
     def forget(self):
-        """Empty the memory: the old tree is moved aside, a new empty one made, then the old removed."""
+        """Empty the memory: the old tree is moved aside, a new empty one made, then the old removed
+        (a `sessions/` dir of other conversations' memories inside it is moved back first)."""
         held = self.history_tokens
         self.tree.close()
         aside = self.memory.with_name(f"{self.memory.name}.forgotten-{int(time.time() * 1000)}")
         os.replace(self.memory, aside)
         try:
+            if (aside / "sessions").is_dir():  # other conversations' memories under this one stay
+                self.memory.mkdir()
+                os.replace(aside / "sessions", self.memory / "sessions")
             self._open()
         finally:
             shutil.rmtree(aside, ignore_errors=True)
@@ -458,6 +460,11 @@ class MemoryChatSession:
         return None
 
 
-def _base_dir():
+def memory_dir(memory, session_id=None):
+    """Where a session keeps its tree: `memory` itself (default <base>/megacontext/chat/default),
+    or, for a named conversation, <memory or <base>/megacontext/chat>/sessions/<session_id>."""
     from nanochat.common import get_base_dir
-    return get_base_dir()
+    root = Path(os.path.expanduser(str(memory))) if memory else Path(get_base_dir()) / "megacontext" / "chat"
+    if session_id is None:
+        return root if memory else root / "default"
+    return root / "sessions" / session_id

@@ -289,3 +289,21 @@ def test_a_kill_mid_ingest_leaves_memory_readable_at_its_last_commit(fixture_bas
     assert "interrupted" in mem.add_user_message("After the crash.")
     assert "".join(mem.stream_reply()) is not None
     mem.close()
+
+
+def test_named_conversations_get_their_own_memories_and_forget_spares_them(engine, tmp_path):
+    variant = hooks.get_variant("megacontext", section(tmp_path / "mem"))
+    shared = chat.build_session(engine, settings(), variant)
+    alice = chat.build_session(engine, settings(), variant, session_id="alice")
+    assert alice.memory == tmp_path / "mem" / "sessions" / "alice" and shared.memory == tmp_path / "mem"
+    reply(alice, "Alice was here.")
+    reply(shared, "Shared memory.")
+    held = alice.history_tokens
+    alice.close()
+    shared.command("/forget")
+    shared.command("yes")
+    assert shared.history_tokens == 0
+    again = chat.build_session(engine, settings(), variant, session_id="alice")
+    assert again.history_tokens == held
+    again.close()
+    shared.close()
