@@ -17,7 +17,8 @@ A later chat with the same memory dir continues where the last one stopped.
 Rendering (`render`). chat: turns in nanochat's conversation format, <|user_start|> text
 <|user_end|> <|assistant_start|> reply <|assistant_end|>, the format the SFT model was trained on.
 text: a base (pre-trained only) model never saw those tokens, so each message is plain text
-appended to memory and the reply is the model's continuation (ending at <|bos|> or max_tokens).
+appended to memory on a line of its own (a newline before it unless it starts with whitespace or
+a document) and the reply is the model's continuation (ending at <|bos|> or max_tokens).
 auto (default): text for source: base, chat otherwise. Typed text is always ordinary text: a
 user who types "<|bos|>" stores those characters, never the control token. A document ingested
 with --ingest starts with <|bos|> when memory already holds something, and the first turn after
@@ -293,10 +294,13 @@ class MemoryChatSession:
         return [{"role": role, "content": text} for role, text in self.turns]
 
     def _user_ids(self, text):
+        new_document = self._new_document and self.history_tokens > 0
+        if self.render == "text" and self.history_tokens and not new_document and text[:1] not in ("", " ", "\n"):
+            text = "\n" + text  # a message is a line of its own, not glued to the last word of memory
         ids = self.tokenizer.encode(text)  # ordinary text: special-token literals stay characters
         if self.render == "chat":
             ids = [self.user_start, *ids, self.user_end]
-        if self._new_document and self.history_tokens:
+        if new_document:
             ids = [self.bos, *ids]
         self._new_document = False
         return ids

@@ -307,3 +307,17 @@ def test_named_conversations_get_their_own_memories_and_forget_spares_them(engin
     assert again.history_tokens == held
     again.close()
     shared.close()
+
+
+def test_text_rendering_for_a_base_model_continues_memory_line_by_line(engine, tmp_path):
+    mem = session(engine, tmp_path / "mem", render="auto")  # source: base -> text
+    assert mem.render == "text"
+    plain = chat.CompletionSession.from_config(engine, settings())
+    first = reply(mem, "Once upon a time")
+    assert first == reply(plain, "Once upon a time")  # the first message: [BOS] + its text, as plain
+    reply(mem, "Then")
+    tok = engine.tokenizer
+    stored = mem.tree.tokens().tolist()
+    head = tok.encode("Once upon a time")
+    assert stored[:len(head)] == head and tok.decode(stored).endswith(tok.decode(tok.encode("\nThen")) + mem.messages[-1]["content"])
+    mem.close()
