@@ -91,6 +91,14 @@ E2E=longctx_cpu_megacontext
 python -m megacontext.eval --config configs/eval_cpu.yaml --model_tag=$E2E --gistnet=$E2E --lensnet=$E2E --lora=$E2E \
     --out "$NANOCHAT_BASE_DIR/eval/longctx_e2e" 2>&1 | tee "$LOG_DIR/longctx_e2e_eval.log"
 
+step "MegaContext chat: a pass key about 3,000 tokens back in an ingested document, then asked (configs/megacontext_demo.yaml)"
+DEMO_DOC="$NANOCHAT_BASE_DIR/megacontext/demo_passkey.txt"
+DEMO_MEMORY="$NANOCHAT_BASE_DIR/megacontext/chat/demo"
+python -m megacontext.synthetic --task passkey --history 4096 --depth 0.2 --out "$DEMO_DOC" 2>&1 | tee "$LOG_DIR/chat_demo.log"
+rm -rf "$DEMO_MEMORY"  # a fresh memory each run: the document goes in, then the question
+printf 'What is the pass key? The pass key is\n/memory\nquit\n' | python -m nanochat.chat --config configs/megacontext_demo.yaml \
+    --ingest "$DEMO_DOC" --memory "$DEMO_MEMORY" 2>&1 | tee -a "$LOG_DIR/chat_demo.log"
+
 # SFT and chat eval read the task rows shipped in tasks/fixtures (no hub download)
 export NANOCHAT_TASK_FIXTURES="$PWD/tasks/fixtures"
 step "SFT on the offline task conversations"
@@ -128,6 +136,7 @@ fi
 echo "Report: cat $(printf %q "$NANOCHAT_BASE_DIR/report.md")"
 echo "Long-context report: cat $(printf %q "$NANOCHAT_BASE_DIR/eval/longctx/report.md")"
 echo "Web:    $NEXT_RUN scripts.chat_web -i sft -g cpu_tiny --device-type=cpu   # then open http://localhost:8000/"
+echo "Memory: $NEXT_RUN nanochat.chat --config configs/megacontext_demo.yaml --memory $(printf %q "$NANOCHAT_BASE_DIR/megacontext/chat/demo")   # the demo's memory; /memory, /forget"
 echo "(append --prompt \"...\" to the Chat command below for a single reply)"
 echo "Chat: $NEXT_RUN nanochat.chat --config configs/chat_cpu.yaml"
 # <<< next steps

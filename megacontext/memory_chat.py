@@ -21,8 +21,10 @@ appended to memory on a line of its own (a newline before it unless it starts wi
 a document) and the reply is the model's continuation (ending at <|bos|> or max_tokens).
 auto (default): text for source: base, chat otherwise. Typed text is always ordinary text: a
 user who types "<|bos|>" stores those characters, never the control token. A document ingested
-with --ingest starts with <|bos|> when memory already holds something, and the first turn after
-a document starts a new one the same way (the runtime's slot 0 is the BOS of the first).
+with --ingest starts with <|bos|> when memory already holds something (the runtime's slot 0 is
+the BOS of the first). The turns after a document follow it without one: the testbed model
+never reads across a <|bos|> (its rows are single documents), so a question about the document
+must be part of the same stream. After 'clear' the next turn starts with <|bos|>.
 
 Commands (answered by the session, never sent to the model):
   /memory   tokens held, the WC by LOD (entries and tokens covered), swap rate and residency of
@@ -168,7 +170,7 @@ class MemoryChatSession:
         self.expanded = []              # (level, index) expanded while reading and answering the last message
         self._reply_wc = None           # the WC the last reply was decoded over
         self._confirm_forget = False
-        self._new_document = False      # the next turn starts a new document (after an ingest or 'clear')
+        self._new_document = False      # the next turn starts a new document (after 'clear')
         self.notices = []
         self._open()
         if config["ingest"]:
@@ -188,8 +190,6 @@ class MemoryChatSession:
                 got = self.tree.num_tokens - sources[-1]["start"]
                 self.notices.append(f"(the ingest of {sources[-1].get('path')} was interrupted; memory keeps its first "
                                     f"{got:,} tokens: --ingest it again to add it whole)")
-            sources = self.tree.sources
-            self._new_document = bool(sources) and sources[-1]["start"] + sources[-1]["tokens"] == self.tree.num_tokens
             if self.telemetry is None:
                 self.telemetry = _ChatTelemetry(self.config["run_name"], config={"chat": self.config,
                                                 "memory": str(self.memory)}, wandb=False)

@@ -322,6 +322,8 @@ def _coerce(value, like, key):
     """Turn an override string into the type of the default it replaces."""
     if not isinstance(value, str):
         return value
+    if value in ("null", "None", "~") and not isinstance(like, (bool, int, float)):
+        return None  # --megacontext.lensnet=null switches a string setting off, as `lensnet: null` in YAML does
     if isinstance(like, bool):
         if value.lower() in ("1", "true", "yes", "on"):
             return True

@@ -230,3 +230,13 @@ def test_the_variants_loader_replaces_the_training_stream_only():
     assert next(train) == ("mine", 2, 8) and next(build_val()) == "val"
     train, _ = hooks.data_loaders(None, trainer_train, trainer_val, None, 2, 8, "cpu", None, variant=hooks.get_variant())
     assert next(train) == "upstream"
+
+
+def test_null_on_the_command_line_switches_a_string_setting_off(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("variant: counting\ncounting:\n  lensnet: some_tag\n")
+    hooks.register_variant("counting", CountingVariant)
+    _, _, vcfg = hooks.load_run_config(str(cfg), hooks.parse_overrides(["--counting.lensnet=null"]), DEFAULTS)
+    assert vcfg["lensnet"] is None
+    _, _, vcfg = hooks.load_run_config(str(cfg), hooks.parse_overrides(["--counting.lensnet=other"]), DEFAULTS)
+    assert vcfg["lensnet"] == "other"
