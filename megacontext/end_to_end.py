@@ -54,6 +54,8 @@ The `megacontext:` section (DEFAULTS below lists every key):
   lr_gistnet, lr_lensnet, lr_lora, weight_decay   AdamW groups under nanochat's LR schedule (the
                                base's own groups keep nanochat's LRs when a phase trains it)
   max_nonfinite_steps          NaN/inf steps skipped in a row before the run stops (nanochat/hooks.py)
+  megaprediction               null (off: nothing below happens) or the MegaPrediction heads' settings,
+                               e.g. {lod1: 1.0, lod2: 0.5}; MEGAPREDICTION_DEFAULTS lists the keys
   seed, run_name
 
 Checkpoints: mc_XXXXXX.pt beside upstream's files holds GistNet (the keys JT1 files have, so
@@ -61,6 +63,31 @@ the eval harness and the runtime read it as a GistNet), LensNet (as a JT2 file, 
 GistNet identity), the LoRA under its own `lora.` key prefix, the shapes, and the step; the
 base model's weights (trained or not) are the trainer's model_XXXXXX.pt, upstream's format.
 Resuming with other MegaContext shapes than the checkpoint's is refused, naming both.
+
+MegaPrediction (megacontext/megaprediction.py), when `megaprediction` is set. Heads that predict,
+from the base model's final hidden state at a block end, the GistNet gist of the next block (LOD1)
+and of the next 1024 tokens (LOD2), trained at every step of every phase, beside the step above
+and without touching it:
+  - data: the LOD2 target needs 1024 tokens after the position, more than a row holds after most
+    of its block ends (a row is BOS + history + horizon). So the heads read longer windows from
+    the same loader: per row id of the batch, row `id` of a RowStream like the variant's own (same
+    split, mixture, data seed, corpus) whose rows are BOS + context_tokens + 1024 tokens; the
+    base model reads BOS + the first context_tokens tokens (token path, no WC; context_tokens
+    defaults to history_tokens + horizon, capped to fit max_seq_len, in whole blocks) and the last
+    1024 tokens serve the targets only. Every block end k = 1 .. context_tokens / 32 of the read
+    part is a position with both targets. Rows are a pure function of their id, so a resumed run
+    reads the same windows.
+  - features and targets are detached (features in eval mode, targets under no_grad): the heads'
+    loss reaches only the heads, no random number is drawn for them, and GistNet, LensNet, the
+    LoRA and the base train exactly as with megaprediction off (tested).
+  - loss: lod1 * L(LOD1) + lod2 * L(LOD2), L = w_cos (1 - cos) + w_mse MSE (megaprediction_loss),
+    means over positions; logged as mp_lod1, mp_lod2, mp_cos_lod1, mp_cos_lod2 and the copy-last
+    baseline's mp_copy_cos_lod1 (its LOD2 twin only exists from block end 32 on: mp_copy_cos_lod2).
+  - optimizer: one AdamW group per level (lr, under the trainer's LR schedule; a level whose weight
+    is 0 gets no gradient and its group sits out); the heads are saved in mc_XXXXXX.pt under the
+    `megaprediction.` key prefix, with `megaprediction_config` (head shape and context_tokens) and
+    the resume shapes; megacontext.eval reads them back (`megaprediction:` in its config).
+With megaprediction off the step, its losses, its metrics and the mc file's keys are unchanged.
 
 What it owns: the end-to-end step, its phases and its checkpoint. It never edits nanochat and
 never defines the losses or the layouts it uses (losses.py, lens_targets.py, working_context.py).
@@ -79,6 +106,8 @@ from megacontext.gistnet import GistNet, GistNetConfig, history_gists, token_emb
 from megacontext.lens_targets import counterfactual_targets, item_store, lens_losses, lens_scores, masked_horizon_nll
 from megacontext.lensnet import LensNet, LensNetConfig, tail_gists_of, mask_illegal
 from megacontext.losses import pooling_mse_loss
+from megacontext.megaprediction import (LOD2_TOKENS, MegaPrediction, MegaPredictionConfig, megaprediction_loss,
+                                        training_examples)
 from megacontext.tree import BLOCK_SIZE
 from megacontext.variant import last_mc_file, load_base_weights, merged_config, variant_telemetry
 from megacontext.window_loader import DEFAULT_MIXTURE, example_batches, history_horizon
@@ -94,8 +123,36 @@ DEFAULTS = dict(
     alpha_lod1=0.1, alpha_lod2=0.1, w_lens=1.0, lens_target="argmin", argmin_margin=0.01, max_candidates=8,
     batch_rows=32, target_scale=10.0, ranking_temperature=1.0, w_regression=1.0, w_ranking=1.0, w_budget=0.1,
     lr_gistnet=1e-3, lr_lensnet=1e-3, lr_lora=1e-3, weight_decay=0.0, max_nonfinite_steps=3,
-    seed=0, run_name=None,
+    seed=0, run_name=None, megaprediction=None,
 )
+MEGAPREDICTION_DEFAULTS = dict(lod1=1.0, lod2=0.5, w_cos=1.0, w_mse=1.0, head="mlp", hidden_mult=2, lr=1e-3,
+                               context_tokens=None)
+
+
+def check_megaprediction(spec):
+    """The `megaprediction` setting -> None (off) or the full dict, or ValueError naming the problem."""
+    if spec is None or spec is False:
+        return None
+    example = "e.g. megaprediction: {lod1: 1.0, lod2: 0.5}"
+    if not isinstance(spec, dict):
+        raise ValueError(f"megacontext.megaprediction must be a mapping of settings or null, got {spec!r}; {example}")
+    unknown = set(spec) - set(MEGAPREDICTION_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown megacontext.megaprediction key(s): {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(MEGAPREDICTION_DEFAULTS)}")
+    mp = {**MEGAPREDICTION_DEFAULTS, **spec}
+    for key in ("lod1", "lod2", "w_cos", "w_mse", "lr"):
+        if not isinstance(mp[key], (int, float)) or isinstance(mp[key], bool) or mp[key] < 0:
+            raise ValueError(f"megacontext.megaprediction.{key} must be a number >= 0, got {mp[key]!r}")
+    if mp["lod1"] == 0 and mp["lod2"] == 0:
+        raise ValueError(f"megacontext.megaprediction needs lod1 > 0 or lod2 > 0 (the loss weights); {example}, "
+                         f"or set megaprediction: null to turn the heads off")
+    ctx = mp["context_tokens"]
+    if ctx is not None and (not isinstance(ctx, int) or ctx < BLOCK_SIZE or ctx % BLOCK_SIZE):
+        raise ValueError(f"megacontext.megaprediction.context_tokens must be a positive multiple of {BLOCK_SIZE} "
+                         f"or null, got {ctx!r}")
+    MegaPredictionConfig(n_embd=1, head=mp["head"], hidden_mult=mp["hidden_mult"])  # checks head and hidden_mult
+    return mp
 
 
 def check_phases(phases, cycles):
@@ -186,6 +243,9 @@ class EndToEndVariant:
         if cfg["horizon"] < 1 or cfg["random_wcs"] < 0 or cfg["focused_wcs"] < 0:
             raise ValueError("megacontext.horizon must be >= 1 and random_wcs, focused_wcs >= 0")
         self.max_nonfinite_steps = int(cfg["max_nonfinite_steps"])  # opts into the trainer's NaN/inf guard
+        self.mp = check_megaprediction(cfg["megaprediction"])
+        self.heads = self.mp_stream = None
+        self.mp_context = None  # tokens the heads' pass reads per row (set by build)
         self.trains = frozenset().union(*(train for _, _, train in self.phases))
         self.model = self.gistnet = self.lensnet = self.lora = self.telemetry = None
         self.step = 0
@@ -204,9 +264,12 @@ class EndToEndVariant:
     def shapes(self):
         """What a checkpoint of this run must match to be resumed."""
         cfg = self.config
-        return {"gistnet": asdict(self.gistnet.config), "lensnet": asdict(self.lensnet.config),
-                "lora": None if self.lora is None else self.lora.config.to_dict(),
-                "budget_tokens": cfg["budget_tokens"], "history_tokens": cfg["history_tokens"], "horizon": cfg["horizon"]}
+        shapes = {"gistnet": asdict(self.gistnet.config), "lensnet": asdict(self.lensnet.config),
+                  "lora": None if self.lora is None else self.lora.config.to_dict(),
+                  "budget_tokens": cfg["budget_tokens"], "history_tokens": cfg["history_tokens"], "horizon": cfg["horizon"]}
+        if self.heads is not None:  # absent when off, so an off run's shapes are what they always were
+            shapes["megaprediction"] = {**asdict(self.heads.config), "context_tokens": self.mp_context}
+        return shapes
 
     # -------------------------------------------------------------------------
     # hooks called by nanochat/train.py
@@ -255,6 +318,8 @@ class EndToEndVariant:
             from megacontext.lora import attach_lora
             self.lora = attach_lora(model, **cfg["lora"])  # after base_inputs, before torch.compile
             groups.append(adamw(self.lora.parameters(), cfg["lr_lora"]))
+        if self.mp is not None:
+            self._build_heads(model, groups, adamw)
         # nanochat's fused AdamW step is compiled once per parameter shape, and torch.compile stops at
         # recompile_limit (8) shapes: GistNet, LensNet and the LoRA bring more, so the limit grows by theirs
         shapes = {(tuple(p.shape), p.dtype) for g in groups for p in g["params"]}
@@ -263,7 +328,9 @@ class EndToEndVariant:
                f"LensNet ({self.lensnet.num_params():,} params)"
                + (f", LoRA rank {self.lora.config.rank} ({self.lora.num_params():,} params)" if self.lora else "")
                + "; phases " + " -> ".join(f"{n} {s} [{'+'.join(sorted(t))}]" for n, s, t in self.phases)
-               + f" x {cfg['cycles']}; {self.wcs_per_row} WCs per row of {self.row_length} positions")
+               + f" x {cfg['cycles']}; {self.wcs_per_row} WCs per row of {self.row_length} positions"
+               + ("" if self.heads is None else f"; MegaPrediction {self.heads.config.head} heads "
+                  f"({self.heads.num_params():,} params) on {self.mp_context // BLOCK_SIZE} block ends per row"))
         self.telemetry = variant_telemetry(cfg, run_args, "megacontext")
         self.allocator = FocusAllocator(AllocatorConfig(tau_expand=0.0, tau_collapse=0.0, max_changes=cfg["refocus_changes"],
                                                         cooldown=0, hysteresis=0.0))
@@ -283,6 +350,10 @@ class EndToEndVariant:
                 raise ValueError(f"megacontext.corpus {cfg['corpus']} has no train documents")
             corpus = TokenCorpus.from_documents(documents, tokenizer)
             print0(f"megacontext: {len(documents)} train documents from {cfg['corpus'].get('path')}")
+        if self.mp is not None:  # the heads' longer windows: same loader, same row ids (module docstring)
+            from megacontext.window_loader import RowStream
+            self.mp_stream = RowStream(tokenizer, 1 + self.mp_context + LOD2_TOKENS, "train", mixture, cfg["data_seed"],
+                                       corpus=corpus)
         return example_batches(tokenizer, B, 1 + cfg["history_tokens"] + cfg["horizon"], "train", device, mixture,
                                cfg["data_seed"], resume_state_dict, corpus=corpus)
 
@@ -336,6 +407,10 @@ class EndToEndVariant:
         if "focused" in per_kind:
             metrics["focus_gain"] = metrics["nll_recency"] - metrics["nll_focused"]
         metrics.update(tokens=len(items) * self.row_length, wcs_s=round(t_wcs, 3), lens_s=round(time.time() - t_lens, 3))
+        if self.heads is not None:  # last, so everything above runs exactly as with the heads off
+            mp_loss, mp_metrics = self._megaprediction_loss(model, row_ids)
+            loss = loss + mp_loss
+            metrics.update(mp_metrics)
         self.last_metrics = metrics
         return loss, metrics
 
@@ -350,7 +425,7 @@ class EndToEndVariant:
 
     def state_dict(self):
         gistnet_identity = self.gistnet.identity()
-        return {
+        state = {
             "gistnet": {"config": asdict(self.gistnet.config), "state_dict": self.gistnet.state_dict()},
             "identity": gistnet_identity,
             "trained_levels": [1, 2],
@@ -361,13 +436,19 @@ class EndToEndVariant:
             "step": self.step,
             "megacontext_config": self.config,
         }
+        if self.heads is not None:  # only when on: an off run's file has exactly the keys it always had
+            state["megaprediction"] = self.heads.state_dict_prefixed()
+            state["megaprediction_config"] = {**asdict(self.heads.config), "context_tokens": self.mp_context,
+                                              **{k: self.mp[k] for k in ("lod1", "lod2", "w_cos", "w_mse")}}
+        return state
 
     def load_state_dict(self, state):
         mine = self.shapes()
         theirs = state.get("shapes")
         if theirs != mine:
-            diff = {k: (theirs.get(k) if isinstance(theirs, dict) else None, v) for k, v in mine.items()
-                    if not isinstance(theirs, dict) or theirs.get(k) != v}
+            keys = list(mine) + [k for k in (theirs if isinstance(theirs, dict) else {}) if k not in mine]
+            diff = {k: (theirs.get(k) if isinstance(theirs, dict) else None, mine.get(k)) for k in keys
+                    if not isinstance(theirs, dict) or theirs.get(k) != mine.get(k)}
             raise ValueError("cannot resume: the checkpoint's MegaContext shapes differ from this run's: "
                              + "; ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
                              + " (resume with the config the checkpoint was trained with)")
@@ -375,10 +456,48 @@ class EndToEndVariant:
         self.lensnet.load_state_dict(state["lensnet"]["state_dict"])
         if self.lora is not None:
             self.lora.load_state_dict({k[len("lora."):]: v for k, v in state["lora"].items()})
+        if self.heads is not None:
+            self.heads.load_prefixed(state["megaprediction"])
         self.step = state["step"]
 
     # -------------------------------------------------------------------------
     # the step's pieces
+
+    def _build_heads(self, model, groups, adamw):
+        """Create the MegaPrediction heads and append their groups (one per level) to groups."""
+        cfg, mp = self.config, self.mp
+        room = (model.config.sequence_len - 1) // BLOCK_SIZE * BLOCK_SIZE  # BOS + read tokens must fit the model
+        wanted = mp["context_tokens"] or (cfg["history_tokens"] + cfg["horizon"]) // BLOCK_SIZE * BLOCK_SIZE
+        if mp["context_tokens"] and mp["context_tokens"] > room:
+            raise ValueError(f"megacontext.megaprediction.context_tokens={mp['context_tokens']} plus the BOS exceeds the "
+                             f"model's max_seq_len {model.config.sequence_len}; use at most {room}")
+        self.mp_context = min(wanted, room)
+        if self.mp_context < BLOCK_SIZE:
+            raise ValueError(f"megaprediction needs at least one {BLOCK_SIZE}-token block of context, but the model's "
+                             f"max_seq_len is {model.config.sequence_len}")
+        config = MegaPredictionConfig(n_embd=model.config.n_embd, head=mp["head"], hidden_mult=mp["hidden_mult"])
+        self.heads = MegaPrediction(config).init_weights(seed=cfg["seed"]).to(model.get_device()).train()
+        groups.extend(adamw(level.parameters(), mp["lr"]) for level in self.heads.levels)
+
+    def _megaprediction_loss(self, model, row_ids):
+        """The heads' loss on the longer windows of this micro-batch's rows, and its metrics."""
+        mp = self.mp
+        device = self.model.get_device()
+        long_rows = torch.from_numpy(np.stack([self.mp_stream.row(int(r))[0] for r in row_ids.tolist()])).to(device)
+        ex = training_examples(model, self.gistnet, long_rows, self.mp_context // BLOCK_SIZE)
+        metrics, loss = {}, None
+        for level, key in ((1, "lod1"), (2, "lod2")):
+            if not mp[key]:
+                continue  # no gradient: the level's group sits the step out
+            part, cos = megaprediction_loss(self.heads(ex["hidden"], level), ex[key], mp["w_cos"], mp["w_mse"])
+            loss = mp[key] * part if loss is None else loss + mp[key] * part
+            metrics.update({f"mp_{key}": float(part.detach()), f"mp_cos_{key}": float(cos.mean())})
+        cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8).mean())
+        metrics["mp_copy_cos_lod1"] = cos(ex["copy_lod1"], ex["lod1"])
+        if bool(ex["copy_lod2_mask"].any()):
+            m = ex["copy_lod2_mask"]
+            metrics["mp_copy_cos_lod2"] = cos(ex["copy_lod2"][:, m], ex["lod2"][:, m])
+        return loss, metrics
 
     def _gists(self, histories, grad):
         """Per history dict(lod1 (n_blocks, D), lod2 (n_groups, D), inputs) in fp32, differentiable when grad."""

@@ -47,6 +47,34 @@ costs nothing. Metrics follow ../shared/DESIGN.md section 6 (report.json's schem
                    passkey_full = the lowest full-context passkey accuracy over all cells
     tokens_per_s   history + horizon tokens judged per second of the method's own compute
 
+With MegaPrediction heads (`megaprediction`: an end-to-end run's model tag or mc path whose run had
+`megaprediction` on; its GistNet must be the one `gistnet` loads, since the heads predict its gists)
+two more sections, absent without heads:
+
+    megaprediction mean cosine of the heads' predicted gist vs the GistNet gist of the real future
+                   span (LOD1: the next 32-token block; LOD2: the next 1024 tokens), beside the
+                   copy-last-gist baseline (the span just before), at every block end of the
+                   `context_tokens` (the heads' training window) before each natural-text position,
+                   read on the token path as the heads were trained; per-position-window means with
+                   95% intervals, n = windows, block_ends = positions; only block ends where the
+                   target and the baseline both exist in the document count; `centered` repeats
+                   the cosines after subtracting the level's mean real gist (a GistNet whose gists
+                   share one large direction makes every raw cosine close to 1)
+    gist_first     (with `gist_first: true`) horizon NLL at the natural-text positions of every
+                   history, token-first vs gist-first, over the same WCs (gist_uniform's layout and
+                   gists). Gist-first: before each 32-token block of the horizon the planner's plan
+                   slots go in right before the block's tokens; `lod_mix` lists the levels whose
+                   predicted gists are placed ([1]: the LOD1 plan of the block; [1, 2]: also the LOD2
+                   plan of the 1024 tokens from there, placed first, coarse to fine). Each block's
+                   plans are predicted from the hidden state at the position just before the block
+                   in the gist-first row itself (so block 2's plan has read block 1's plan), one
+                   pass per block. Plan slots do NOT count toward budget_tokens: the WC is the very
+                   same one, the plans are extra positions like the horizon's own tokens, so the
+                   comparison isolates the plans (charging them would change the WC too); the row
+                   must still fit max_seq_len. difference = gist_first - token_first per position,
+                   with a 95% interval; plan_cosine_lod1 = cosine of the LOD1 plans vs the GistNet
+                   gists of the horizon's whole blocks (WC path, not the token path above).
+
 Greedy exact match is read off the teacher-forced pass: greedy decoding reproduces the answer
 exactly when, and only when, the argmax at every answer position is the answer's token.
 
@@ -101,6 +129,9 @@ DEFAULTS = {
     "batch_rows": 16,             # rows per forward pass
     "seed": 0,
     "methods": list(METHODS),
+    "megaprediction": None,       # an end-to-end run's model tag (or mc path) with MegaPrediction heads; None = no sections
+    "gist_first": False,          # also score the horizon gist-first (needs megaprediction)
+    "lod_mix": [1],               # the levels whose predicted gists are placed as plan slots: [1] or [1, 2]
 }
 
 
@@ -138,7 +169,19 @@ def parse_args(argv):
     unknown = [m for m in cfg["methods"] if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    check_gist_first_keys(cfg)
     return cfg, out, task_files
+
+
+def check_gist_first_keys(cfg):
+    """The MegaPrediction keys, checked without torch (megaprediction.check_lod_mix says the same later)."""
+    lod_mix = cfg["lod_mix"]
+    if not lod_mix or any(lv not in (1, 2) for lv in lod_mix) or len(set(lod_mix)) != len(lod_mix):
+        raise ValueError(f"lod_mix lists the levels whose predicted gists are placed as plan slots: [1] or [1, 2] "
+                         f"(or [2]); got {lod_mix!r}")
+    if cfg["gist_first"] and not cfg["megaprediction"]:
+        raise ValueError("gist_first needs MegaPrediction heads: set megaprediction to an end-to-end run trained with "
+                         "them (python -m nanochat.train --config configs/megaprediction_cpu.yaml)")
 
 
 def read_task_file(path, tokenizer):
@@ -210,6 +253,170 @@ def score_wcs(model, wcs, stores, horizons, batch_rows, bos_id):
                     nlls[i] = (-logp[b, where].gather(1, tgt[:, None]).squeeze(1)).cpu().numpy()
                     corrects[i] = (logp[b, where].argmax(-1) == tgt).cpu().numpy()
     return nlls, corrects
+
+
+def gist_first_row(context, horizon, plans=None):
+    """One gist-first row: context = (idx (P,), gist mask (P,), vectors (P, D)) = [BOS] + the WC's
+    slots, horizon (H,) tokens, plans = per 32-token block of the horizon a (slots, D) tensor or
+    None (no plan). -> dict(idx, gist_mask, gist_vectors, targets (-1 except the H positions that
+    predict the horizon), before = per block the position whose hidden state predicts its plans).
+    The row is context, then per block its plan slots and its tokens, the horizon's last token
+    left out (nothing is predicted from it). With no plans it is exactly pack_batch's row."""
+    import torch
+    from megacontext.tree import BLOCK_SIZE as B
+    idx, mask, vec = context
+    H, D = len(horizon), vec.size(1)
+    pieces_idx, pieces_mask, pieces_vec, at, before = [idx], [mask], [vec], [], []
+    pos = len(idx)
+    prev = pos - 1  # the position whose logits predict the next horizon token
+    for j, a in enumerate(range(0, H, B)):
+        before.append(prev)
+        plan = plans[j] if plans is not None and j < len(plans) else None
+        if plan is not None and len(plan):
+            m = len(plan)
+            pieces_idx.append(torch.zeros(m, dtype=idx.dtype, device=idx.device))
+            pieces_mask.append(torch.ones(m, dtype=torch.bool, device=idx.device))
+            pieces_vec.append(plan.to(vec.dtype))
+            pos += m
+            prev = pos - 1
+        block = horizon[a:a + B]
+        n_in = min(len(block), H - 1 - a)  # the horizon's last token is never an input
+        at.append(prev)
+        at.extend(range(pos, pos + len(block) - 1))
+        pieces_idx.append(block[:n_in].to(idx.dtype))
+        pieces_mask.append(torch.zeros(n_in, dtype=torch.bool, device=idx.device))
+        pieces_vec.append(torch.zeros(n_in, D, dtype=vec.dtype, device=vec.device))
+        pos += n_in
+        prev = pos - 1
+    row_idx = torch.cat(pieces_idx)
+    targets = torch.full_like(row_idx, -1)
+    targets[torch.tensor(at, dtype=torch.long, device=idx.device)] = horizon.to(targets.dtype)
+    return dict(idx=row_idx, gist_mask=torch.cat(pieces_mask), gist_vectors=torch.cat(pieces_vec), targets=targets,
+                before=before)
+
+
+def score_gist_first(model, wcs, stores, horizons, planner, batch_rows, bos_id):
+    """Token-first and gist-first horizon NLL over the same WCs -> (token_first, gist_first, plans):
+    per WC a float array of per-token NLL each, and the plans (n_blocks, slots, D) (None without a
+    planner). The first pass is the token-first row (exactly score_wcs's batch: same groups, same
+    padding) and predicts block 0's plans; pass j predicts block j's from the row holding the plans
+    of blocks < j; the last pass scores the gist-first row. planner=None: no plan slots at all, so
+    gist_first is the token-first NLL exactly."""
+    import torch
+    import torch.nn.functional as F
+    from megacontext.base_inputs import gist_inputs
+    from megacontext.megaprediction import capture_hidden
+    from megacontext.tree import BLOCK_SIZE as B
+    from megacontext.working_context import pack_batch
+    base = getattr(model, "_orig_mod", model)
+    device = base.get_device()
+    token_first, gist_first, all_plans = [None] * len(wcs), [None] * len(wcs), [None] * len(wcs)
+
+    def forward(rows):
+        T = max(len(r["idx"]) for r in rows)
+        if T > base.config.sequence_len:
+            raise ValueError(f"a gist-first row needs {T} positions but the model's sequence_len is "
+                             f"{base.config.sequence_len}; lower budget_tokens or horizon, or use fewer lod_mix levels")
+        pad = lambda x, fill: F.pad(x, (0, T - len(x)), value=fill)
+        idx = torch.stack([pad(r["idx"], 0) for r in rows])
+        targets = torch.stack([pad(r["targets"], -1) for r in rows])
+        mask = torch.stack([pad(r["gist_mask"], False) for r in rows])
+        vec = torch.stack([F.pad(r["gist_vectors"], (0, 0, 0, T - len(r["idx"]))) for r in rows])
+        with capture_hidden(model) as cap, gist_inputs(model, mask, vec):
+            logits = model(idx)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        nll = []
+        for b in range(len(rows)):
+            where = (targets[b] >= 0).nonzero().squeeze(1)
+            nll.append((-logp[b, where].gather(1, targets[b, where][:, None]).squeeze(1)).cpu().numpy())
+        return nll, cap.hidden
+
+    order = sorted(range(len(wcs)), key=lambda i: -len(horizons[i]))
+    groups = {}
+    for i in order:
+        groups.setdefault(len(horizons[i]), []).append(i)
+    with torch.no_grad():
+        for H, members in groups.items():
+            n_blocks = -(-H // B)
+            for k in range(0, len(members), batch_rows):
+                chunk = members[k:k + batch_rows]
+                hz = torch.tensor(np.array([horizons[i] for i in chunk], dtype=np.int64), device=device)
+                batch = pack_batch([wcs[i] for i in chunk], [stores[i] for i in chunk], hz, n_embd=base.config.n_embd,
+                                   bos_id=bos_id, device=device)
+                contexts = []
+                for b, i in enumerate(chunk):
+                    P = 1 + wcs[i].cost
+                    contexts.append((batch["idx"][b, :P], batch["gist_mask"][b, :P], batch["gist_vectors"][b, :P]))
+                plans = [[] for _ in chunk]
+                passes = n_blocks + 1 if planner is not None else 1
+                for j in range(passes):
+                    rows = [gist_first_row(ctx, hz[b], plans[b]) for b, ctx in enumerate(contexts)]
+                    nll, hidden = forward(rows)
+                    if j == 0:
+                        for b, i in enumerate(chunk):
+                            token_first[i] = nll[b]
+                    if j < n_blocks and planner is not None:
+                        h = torch.stack([hidden[b, rows[b]["before"][j]] for b in range(len(chunk))])
+                        for b, p in enumerate(planner.plans(h)):
+                            plans[b].append(p)
+                    if j == passes - 1:
+                        for b, i in enumerate(chunk):
+                            gist_first[i] = nll[b]
+                            all_plans[i] = torch.stack(plans[b]) if plans[b] else None
+    return token_first, gist_first, all_plans
+
+
+def prediction_quality(model, gistnet, heads, corpus, positions, context_tokens, bos_id):
+    """The megaprediction section: at every block end of the context_tokens tokens before each
+    natural-text position (d, t), read as BOS + those tokens (token path), the heads' cosine to the
+    real future span's gist and the copy-last-gist baseline's, per level (see the module docstring).
+    `centered` repeats them after subtracting the mean target gist of the level from prediction,
+    baseline and target alike: when a GistNet's gists share one large direction, the raw cosine is
+    close to 1 for any guess near it, and only the centered one sees whether the part that differs
+    from block to block was predicted."""
+    import torch
+    from megacontext.megaprediction import block_end_hidden, copy_last_gist, span_gists
+    from megacontext.tree import BLOCK_SIZE as B
+    device = model.get_device()
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
+    windows = {1: [], 2: []}  # per level, per window: (head predictions, copy-last predictions, targets)
+    with torch.no_grad():
+        for d, t in positions:
+            doc = corpus.arrays[d].astype(np.int64)
+            L = min(context_tokens, t // B * B)
+            K, start = L // B, t - L
+            if K == 0:
+                continue
+            before = min(B, start // B)  # blocks before the window: the LOD2 baseline's previous 1024 tokens
+            a = start - B * before
+            n = min((len(doc) - a) // B, before + K + B)
+            lod1, lod2 = span_gists(model, gistnet, torch.as_tensor(doc[a:a + B * n], device=device)[None])
+            lod1, lod2 = lod1[0], lod2[0]
+            row = torch.as_tensor(np.concatenate([[bos_id], doc[start:t]]), device=device)[None]
+            hidden = block_end_hidden(model, row, K)[0]            # row k - 1: block end k, at document position start + 32k
+            js = before + torch.arange(1, K + 1, device=device)    # the span index of the block that starts there
+            for lv, gists, span in ((1, lod1, 1), (2, lod2, B)):
+                ok = (js < len(gists)) & (js >= span)
+                if bool(ok.any()):
+                    copy_pred, _ = copy_last_gist(gists, span)     # row j predicts span j + span
+                    windows[lv].append((heads(hidden[ok], lv), copy_pred[js[ok] - span], gists[js[ok]]))
+    out = {}
+    for lv, items in windows.items():
+        if not items:
+            continue
+        center = torch.cat([target for _, _, target in items]).mean(0)
+        block = {"block_ends": sum(len(target) for _, _, target in items)}
+        for name, c in (("raw", None), ("centered", center)):
+            shift = (lambda x: x) if c is None else (lambda x, c=c: x - c)
+            head = [float(cos(shift(p), shift(tg)).mean()) for p, _, tg in items]
+            copy = [float(cos(shift(q), shift(tg)).mean()) for _, q, tg in items]
+            part = {"head": _mean_ci(head), "copy_last": _mean_ci(copy), "gain": _mean_ci(np.subtract(head, copy))}
+            if c is None:
+                block.update(part)
+            else:
+                block["centered"] = part
+        out[f"lod{lv}"] = block
+    return out
 
 # -----------------------------------------------------------------------------
 # Methods: how each one turns a history into the entries the model reads
@@ -323,6 +530,27 @@ class Harness:
         nll, correct = self.score(wcs, stores, horizons)
         return dict(nll=nll, correct=correct, wcs=wcs)
 
+    def gist_first(self, histories, horizons, planner):
+        """Token-first vs gist-first horizon NLL on gist_uniform's WCs -> dict(token_first, gist_first:
+        per-item mean NLL lists; plan_cos: per-item mean cosine of the LOD1 plans to the GistNet gists
+        of the horizon's whole blocks, when lod_mix has LOD1 and the horizon a whole block)."""
+        import torch
+        from megacontext.gistnet import token_embeddings
+        from megacontext.tree import BLOCK_SIZE as B
+        wcs, stores, _ = self.views("gist_uniform", histories)
+        tf, gf, plans = score_gist_first(self.model, wcs, stores, horizons, planner, self.cfg["batch_rows"], self.bos)
+        out = {"token_first": [float(x.mean()) for x in tf], "gist_first": [float(x.mean()) for x in gf], "plan_cos": []}
+        whole = len(horizons[0]) // B if horizons else 0
+        if 1 in planner.order and whole:
+            slot = planner.order.index(1)
+            with torch.no_grad():
+                blocks = torch.as_tensor(np.stack([np.asarray(z[:whole * B]) for z in horizons]), device=self.device)
+                true = self.gistnet(token_embeddings(self.model, blocks.view(-1, B)), 1).float().view(len(horizons), whole, -1)
+            for i, p in enumerate(plans):
+                out["plan_cos"].append(float(torch.nn.functional.cosine_similarity(
+                    p[:whole, slot].float(), true[i], dim=-1).mean()))
+        return out
+
     def focus(self, store, history_len, gists):
         """The WC LensNet + the allocator arrive at when a history of history_len tokens (read
         from store) streams in (see the module docstring); appends one record per refocus to
@@ -408,9 +636,10 @@ def _git_commit():
 
 
 def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=None, progress=True, device_name="",
-             corpus=None, lensnet=None):
+             corpus=None, lensnet=None, heads=None, heads_info=None):
     """Run every workload -> the report dict (DESIGN.md section 6). corpus: the held-out
-    TokenCorpus (default: the test split of the offline long documents)."""
+    TokenCorpus (default: the test split of the offline long documents). heads: MegaPrediction
+    heads (megaprediction.load_megaprediction), heads_info: what it returned beside them."""
 
     import torch
     from tqdm import tqdm
@@ -433,6 +662,20 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
         raise ValueError(f"delta_context={C} must be a multiple of {BLOCK_SIZE} and at least {2 * BLOCK_SIZE}")
     if cfg["refocus_every"] < 1:
         raise ValueError(f"refocus_every={cfg['refocus_every']} must be at least 1 (tokens between refocuses)")
+    planner, heads_info = None, dict(heads_info or {})
+    if cfg.get("gist_first") and heads is None:
+        raise ValueError("gist_first needs MegaPrediction heads: set megaprediction to an end-to-end run trained with them")
+    if heads is not None:
+        from megacontext.megaprediction import Planner
+        if gistnet is None:
+            raise ValueError("megaprediction is set but gistnet is not: the heads predict GistNet's gists; set gistnet "
+                             "to the same end-to-end run")
+        trained_on = heads_info.get("gistnet_identity")
+        if trained_on and trained_on != gistnet.identity():
+            raise ValueError(f"the MegaPrediction heads were trained on gists of {trained_on} but gistnet is "
+                             f"{gistnet.identity()}; set gistnet to the run that trained the heads")
+        if cfg.get("gist_first"):
+            planner = Planner(heads, cfg.get("lod_mix") or [1])
     harness = Harness(model, tokenizer, cfg, gistnet, lensnet)
     methods = [m for m in cfg["methods"] if harness.available(m)]
     absent = {m: ABSENT_REASONS.get(m, "needs a trained GistNet (set `gistnet:` to a JT1 mc_XXXXXX.pt)")
@@ -481,11 +724,16 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
     report["bpb"], report["gap_closed"], report["lod_composition"] = {}, {}, {}
     natural_nll = {}  # (method, ratio) -> mean NLL nats/token, for the testbed figures
     harness.focus_log = []  # the focus figures are those of the natural-text workload (the eval corpus)
+    gist_first, gist_first_s = {}, 0.0
     for r in ratios:
         n = r * W
         histories = [long_corpus.arrays[d][t - n:t].astype(np.int64) for d, t in positions]
         horizons = [long_corpus.arrays[d][t:t + H].astype(np.int64) for d, t in positions]
         results = run_all(histories, horizons, range(cfg["oracle_positions"]))
+        if planner is not None:
+            t_gf = time.time()
+            gist_first[str(n)] = harness.gist_first(histories, horizons, planner)
+            gist_first_s += time.time() - t_gf
         for m, res in results.items():
             if res["wcs"]:  # mean WC make-up: LOD0 tokens, LOD1 gists, LOD2 gists
                 counts = np.array([[sum(e.cost for e in wc.entries if e.level == lv) for lv in range(3)]
@@ -527,7 +775,27 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
         report["focus"] = {"refocuses": len(log), "invalid_scores": int(sum(rec["invalid_scores"] for rec in log)),
                            "refocus_every": cfg["refocus_every"]}
     harness.focus_log = None
-    timings["bpb"] = time.time() - t0
+    timings["bpb"] = time.time() - t0 - gist_first_s
+    if planner is not None:
+        timings["gist_first"] = gist_first_s
+        by_history = {}
+        for hist, res in gist_first.items():
+            entry = {"token_first_nll": float(np.mean(res["token_first"])), "gist_first_nll": float(np.mean(res["gist_first"])),
+                     "difference": _mean_ci(np.subtract(res["gist_first"], res["token_first"]))}
+            if res["plan_cos"]:
+                entry["plan_cosine_lod1"] = _mean_ci(res["plan_cos"])
+            by_history[hist] = entry
+        report["gist_first"] = {"lod_mix": sorted(planner.order), "placement": [f"LOD{lv}" for lv in planner.order],
+                                "wc": "gist_uniform", "plan_slots_in_budget": False,
+                                "plan_slots_per_block": planner.slots, "positions": len(positions),
+                                "by_history": by_history}
+    if heads is not None:
+        t0 = time.time()
+        ctx = heads_info.get("context_tokens") or 1024
+        ctx = min(ctx, (model.config.sequence_len - 1) // BLOCK_SIZE * BLOCK_SIZE)
+        report["megaprediction"] = {"heads": heads_info.get("path"), "context_tokens": ctx, "positions": len(positions),
+                                    **prediction_quality(model, gistnet, heads, long_corpus, positions, ctx, harness.bos)}
+        timings["megaprediction"] = time.time() - t0
 
     # --- ΔNLL@H ---------------------------------------------------------------
     t0 = time.time()
@@ -719,6 +987,31 @@ def report_markdown(report):
             if report["delta_nll"]["gister"] != "gistnet":
                 break
         lines.append(f"\n(n = {report['delta_nll']['lod1']['n']} positions)")
+    if "megaprediction" in report:
+        mp = report["megaprediction"]
+        lines += ["", f"## MegaPrediction: predicted vs real next gist (cosine, 95% intervals; every block end of the "
+                  f"{mp['context_tokens']} tokens before {mp['positions']} natural-text positions, token path)", "",
+                  "| level | heads | copy-last baseline | heads - baseline | windows | block ends |", "|---|---|---|---|---|---|"]
+        ci = lambda b: f"{_fmt(b['value'])} [{_fmt(b['ci95'][0])}, {_fmt(b['ci95'][1])}]"
+        for lv, what in (("lod1", "LOD1 (next 32 tokens)"), ("lod2", "LOD2 (next 1024 tokens)")):
+            if lv in mp:
+                for b, how in ((mp[lv], ""), (mp[lv]["centered"], ", centered")):
+                    lines.append(f"| {what}{how} | {ci(b['head'])} | {ci(b['copy_last'])} | {ci(b['gain'])} | "
+                                 f"{b['head']['n']} | {mp[lv]['block_ends']} |")
+        lines.append("\n(centered: cosines after subtracting the level's mean real gist from all three vectors.)")
+    if "gist_first" in report:
+        gf = report["gist_first"]
+        lines += ["", f"## Gist-first decoding (lod_mix {gf['lod_mix']}: plan slots {' + '.join(gf['placement'])} before "
+                  f"each horizon block; same {gf['wc']} WCs; plan slots not charged to W; {gf['positions']} positions)", "",
+                  "| history | token-first NLL | gist-first NLL | gist - token (95% CI) | LOD1 plan cosine |",
+                  "|---|---|---|---|---|"]
+        for hist, e in sorted(gf["by_history"].items(), key=lambda kv: int(kv[0])):
+            d = e["difference"]
+            plan = e.get("plan_cosine_lod1")
+            lines.append(f"| {int(hist) // W}W ({hist}) | {_fmt(e['token_first_nll'])} | {_fmt(e['gist_first_nll'])} | "
+                         f"{_fmt(d['value'])} [{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] | "
+                         f"{_fmt(plan['value']) if plan else 'n/a'} |")
+        lines.append("\n(NLL in nats/token; negative differences mean the plans helped.)")
     lines += ["", "## Passkey exact match (rows: depth; columns: history / W)", ""]
     for m, by_ratio in report["passkey"].items():
         ratios = sorted(by_ratio, key=int)
@@ -858,6 +1151,14 @@ def headline(report):
     if gap8 is not None:
         lines.append(f"megacontext at 8W: gap closed {gap8:.2f} (recency -> full); swap rate "
                      f"{_fmt(report['swap_rate'].get('megacontext'))}, residency {_fmt(report['residency'].get('megacontext'))}")
+    mp = report.get("megaprediction", {})
+    if "lod1" in mp:
+        lines.append(f"MegaPrediction cosine LOD1 {_fmt(mp['lod1']['head']['value'])} (copy-last "
+                     f"{_fmt(mp['lod1']['copy_last']['value'])})" + (f", LOD2 {_fmt(mp['lod2']['head']['value'])} (copy-last "
+                     f"{_fmt(mp['lod2']['copy_last']['value'])})" if "lod2" in mp else ""))
+    for hist, e in report.get("gist_first", {}).get("by_history", {}).items():
+        lines.append(f"gist-first at {hist}: NLL {_fmt(e['gist_first_nll'])} vs token-first {_fmt(e['token_first_nll'])} "
+                     f"(difference {_fmt(e['difference']['value'])})")
     if report["absent_methods"]:
         lines.append("absent: " + ", ".join(report["absent_methods"]))
     return "\n".join(lines)
@@ -910,12 +1211,18 @@ def main(argv=None):
             from megacontext.lensnet import load_lensnet
             lensnet = load_lensnet(cfg["lensnet"], model.config.n_embd, device)
             lensnet.check_gistnet(gistnet.identity())
+        heads, heads_info = None, None
+        if cfg["megaprediction"]:
+            from megacontext.megaprediction import load_megaprediction
+            heads, heads_info = load_megaprediction(cfg["megaprediction"], model.config.n_embd, device)
+            print(f"MegaPrediction: {heads.config.head} heads ({heads.num_params():,} params) from {heads_info['path']}")
         task_files = list(task_files)
         for path in task_files:  # fail on a bad file before the long work starts
             read_task_file(path, tokenizer)
         device_name = torch.cuda.get_device_name(0) if device_type == "cuda" else f"{device_type} ({os.cpu_count()} cores)"
         t0 = time.time()
-        report = evaluate(model, tokenizer, cfg, gistnet, task_files, device_name=device_name, lensnet=lensnet)
+        report = evaluate(model, tokenizer, cfg, gistnet, task_files, device_name=device_name, lensnet=lensnet,
+                          heads=heads, heads_info=heads_info)
         report["wall_time_s"] = time.time() - t0
         paths = write_report(report, out)
     except (FileNotFoundError, ValueError) as e:

@@ -30,6 +30,17 @@ K. Every K tokens of history (counted across feed() and generate()) it refocuses
      cache holds (KVCache.truncate, with the smear's input of the slot before it) and only
      the slots from there on are recomputed, in one chunked prefill (GPT.forward smears the
      first slot of a chunk with the cached one, so chunking changes nothing).
+Gist-first decoding (optional: planner=megaprediction.Planner(heads, lod_mix)). At each block
+boundary of the history (a multiple of 32 tokens) generate() first places the planner's plan
+slots in the KV cache (the predicted LOD1 gist of the block about to be decoded, and with
+lod_mix [1, 2] before it the predicted LOD2 gist of the next 1024 tokens), predicted from the
+final hidden state at the last slot (megaprediction.capture_hidden, the LM head's input), and
+then samples the block's tokens after them. Plan slots are never written to the tree and are
+never WC entries: the next refocus (or feed) truncates the cache at the first plan slot and
+rebuilds it from the tree's WC, so the model then reads the WC exactly as without a planner.
+Plans are extra slots, not charged to the budget: the cache gets room for the plans of one
+refocus interval. Without a planner nothing of this runs (the loop is bit-identical, tested).
+
 Telemetry (megacontext/telemetry.py) gets one record per refocus (actions, budget collapses,
 swap rate, residency, budget utilization, LOD histogram, refocus latency = extend + LensNet +
 allocator, recompute latency, slots recomputed/reused, the actions with their pivot nodes, the
@@ -130,7 +141,7 @@ class MegaContextRuntime:
     """Stream tokens into a tree and decode over its Working Context (see the module docstring)."""
 
     def __init__(self, model, tokenizer, tree, *, budget_tokens, refocus_every=32, lensnet=None, allocator=None,
-                 telemetry=None, reuse_kv=True, lod1_tail=256):
+                 telemetry=None, reuse_kv=True, lod1_tail=256, planner=None):
         if not tree.writable:
             raise ValueError(f"the tree at {tree.directory} is open read-only; the runtime appends to it: open it "
                              f"writable (megacontext.runtime.open_tree)")
@@ -144,6 +155,11 @@ class MegaContextRuntime:
         if W < 2 * B:
             raise ValueError(f"budget_tokens {W} cannot hold the LOD0 tail (up to {2 * B - 1} tokens); use at least {2 * B}")
         capacity = 1 + W + K
+        if planner is not None:  # plan slots of the block boundaries of one refocus interval
+            if planner.heads.config.n_embd != model.config.n_embd:
+                raise ValueError(f"the planner's MegaPrediction heads have n_embd={planner.heads.config.n_embd} but the "
+                                 f"model has {model.config.n_embd}; use heads trained for this model")
+            capacity += planner.slots * (K // B + 1)
         if capacity > model.cos.size(1):
             raise ValueError(f"1 + budget_tokens + refocus_every = {capacity} slots exceed the model's rotary "
                              f"cache ({model.cos.size(1)}); lower budget_tokens or refocus_every")
@@ -176,6 +192,11 @@ class MegaContextRuntime:
         self._decode_tokens, self._decode_s = 0, 0.0  # the decode stretch since the last refocus
         self._logits = None          # (vocab,) logits of the last cached slot: the next token's distribution
         self.cached = None           # WC (no budget) that the KV cache holds after its BOS; None = empty cache
+        self.planner = planner
+        self._hidden = None          # (D,) final hidden state of the last cached slot (kept only with a planner)
+        self._first_plan = None      # the first KV slot holding a plan (the cache holds WC slots up to it); None = none
+        self._plan_slots = 0         # plan slots in the cache
+        self._planned_at = None      # history length whose block boundary got its plans
         self.last = {}               # the last refocus's figures, for a status line
         N = tree.num_tokens
         self.wc = WorkingContext.recency(N, W, B) if N else WorkingContext([], 0, W, B)
@@ -242,10 +263,31 @@ class MegaContextRuntime:
     def _forward(self, idx, mask, vectors):
         if self.kv.get_pos() + idx.size(1) > self.kv.max_seq_len:  # the loop refocuses before this can happen
             raise RuntimeError(f"KV cache overflow: {self.kv.get_pos()} + {idx.size(1)} > {self.kv.max_seq_len} slots")
+        if self.planner is not None:  # keep the last slot's hidden state: the next plan is predicted from it
+            from megacontext.megaprediction import capture_hidden
+            with capture_hidden(self.model) as cap:
+                logits = self._forward_once(idx, mask, vectors)
+            self._hidden = cap.hidden[0, -1]
+            return logits
+        return self._forward_once(idx, mask, vectors)
+
+    def _forward_once(self, idx, mask, vectors):
         if mask is None:
             return self.model(idx, kv_cache=self.kv)
         with base_inputs.gist_inputs(self.model, mask, vectors):
             return self.model(idx, kv_cache=self.kv)
+
+    def _place_plans(self):
+        """Put the planner's plan slots for the block that starts now into the KV cache (never into
+        the tree or the WC); the next token's logits then read them."""
+        plans = self.planner.plans(self._hidden.view(1, -1))  # (1, slots, D)
+        if self._first_plan is None:
+            self._first_plan = self.kv.get_pos()
+        idx = torch.zeros(1, plans.size(1), dtype=torch.long, device=self.device)
+        mask = torch.ones(1, plans.size(1), dtype=torch.bool, device=self.device)
+        self._logits = self._forward(idx, mask, plans.to(self.device))[0, -1]
+        self._plan_slots += plans.size(1)
+        self._planned_at = self.history_len
 
     def _embedding_at(self, wc, s):
         """The normed, pre-smear input embedding of KV slot s, as GPT.forward computes it (what
@@ -267,19 +309,23 @@ class MegaContextRuntime:
         end = 1 + target.cost
         pos = self.kv.get_pos()
         s = 0
-        if reuse and self.cached is not None and pos == 1 + self.cached.cost:
+        # plan slots sit in the cache beside the WC's slots: only the slots before the first one are the WC's
+        if reuse and self.cached is not None and pos - self._plan_slots == 1 + self.cached.cost:
             k = self.cached.first_difference(target)
             s = 1 + int(self.cached.slot_offsets[k])
             if k < len(self.cached) and k < len(target):
                 old, new = self.cached.entries[k], target.entries[k]
                 if old.level == new.level == 0 and old.index == new.index:  # the same block, grown
                     s += min(old.cost, new.cost)
+            if self._first_plan is not None:
+                s = min(s, self._first_plan)
         if s >= end:
-            if pos == end:
+            if pos == end and not self._plan_slots:
                 self.cached = _unbudgeted(target)
                 return None, end
             s = end - 1  # nothing new, but the last slot's logits are needed
         self.kv.truncate(s, self._embedding_at(target, s - 1) if s > 0 else None)
+        self._first_plan, self._plan_slots = None, 0  # truncated at or before the first plan slot
         logits = self._forward(*self._kv_inputs(target, s, end))[0]
         self.cached = _unbudgeted(target)
         self._logits = logits[-1]
@@ -340,6 +386,9 @@ class MegaContextRuntime:
         rng = torch.Generator(device=self.device)
         rng.manual_seed(seed)
         for _ in range(max_tokens):
+            N = self.history_len
+            if self.planner is not None and N and N % self.block_size == 0 and self._planned_at != N:
+                self._place_plans()  # gist-first: the block's plans before its first token
             token = int(sample_next_token(self._logits.view(1, -1), rng, temperature, top_k)[0, 0])
             t0 = time.perf_counter()
             self._pending.append(token)

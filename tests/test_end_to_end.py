@@ -129,6 +129,7 @@ def test_resume_is_bit_identical_and_refuses_other_shapes(train_base_dir, tmp_pa
     r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     whole = mc_state(train_base_dir, "e2e", 6)
+    assert set(whole) == OFF_KEYS and "megaprediction" not in whole["shapes"]  # megaprediction off: the keys as ever
     (train_base_dir / "base_checkpoints" / "e2e" / "mc_000006.pt").unlink()
     r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path, "--resume-from-step=3")  # mid lens phase
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -299,3 +300,100 @@ def test_the_compiled_model_reads_every_step_without_recompiling(train_base_dir,
     # the fixed-shape WC batch: GPT.forward compiles once and is reused by every later step
     gpt_recompiles = [line for line in r.stderr.splitlines() if "Recompiling function forward" in line and "gpt.py" in line]
     assert not gpt_recompiles, gpt_recompiles
+
+
+# -----------------------------------------------------------------------------
+# MegaPrediction heads (megacontext/megaprediction.py) as an option of the variant
+
+MP = "--megacontext.megaprediction={lod1: 1.0, lod2: 0.5}"
+OFF_KEYS = {"gistnet", "identity", "trained_levels", "lensnet", "gistnet_identity", "lora", "shapes", "step",
+            "megacontext_config"}
+
+
+def train_in_process(base, tmp_path, monkeypatch, *overrides):
+    """nanochat.train in this process (the corpus is tokenized once for all runs of a test)."""
+    import yaml  # noqa: F401 (hooks reads the YAML)
+    from nanochat import train as train_lib
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_COMPILE", "0")
+    monkeypatch.setenv("MEGACONTEXT_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(E2E_CONFIG)
+    defaults = vars(train_lib.build_parser().parse_args([]))
+    settings, _, variant_config = hooks.load_run_config(str(cfg), hooks.parse_overrides(list(overrides)), defaults,
+                                                        {"data": {}})
+    variant = EndToEndVariant(variant_config)
+    return variant, train_lib.train(argparse.Namespace(**settings), variant)
+
+
+def test_megaprediction_heads_train_save_and_resume_bit_identically(train_base_dir, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    variant, _ = train_in_process(train_base_dir, tmp_path, monkeypatch, MP, "--model-tag=mp")
+    assert {"mp_lod1", "mp_lod2", "mp_cos_lod1", "mp_cos_lod2", "mp_copy_cos_lod1"} <= set(variant.last_metrics)
+    # E2E_CONFIG's max_seq_len 160 holds BOS + 128 tokens: the heads read 4 block ends per row
+    assert variant.mp_context == 128 and variant.mp_stream.row_tokens == 1 + 128 + 1024
+    s3, s6 = mc_state(train_base_dir, "mp", 3), mc_state(train_base_dir, "mp", 6)
+    assert set(s6) == OFF_KEYS | {"megaprediction", "megaprediction_config"}
+    assert s6["megaprediction_config"]["context_tokens"] == 128 and s6["shapes"]["megaprediction"]["head"] == "mlp"
+    from megacontext.megaprediction import MegaPrediction, MegaPredictionConfig
+    fresh = MegaPrediction(MegaPredictionConfig(n_embd=128)).init_weights(seed=0).state_dict_prefixed()
+    h3, h6 = s3["megaprediction"], s6["megaprediction"]
+    assert h6.keys() == fresh.keys() and all(k.startswith("megaprediction.") for k in h6)
+    assert all(not torch.equal(fresh[k], h3[k]) for k in fresh), "every head weight moves in the first 3 steps"
+    assert all(not torch.equal(h3[k], h6[k]) for k in h3), "and again in the next 3 (heads train in every phase)"
+    records = [rec for rec in run_log(tmp_path, "mp") if "phase" in rec]
+    assert len(records) == 6 and all(np.isfinite(rec["mp_lod1"]) and np.isfinite(rec["mp_lod2"]) for rec in records)
+
+    (train_base_dir / "base_checkpoints" / "mp" / "mc_000006.pt").unlink()
+    train_in_process(train_base_dir, tmp_path / "again", monkeypatch, MP, "--model-tag=mp", "--resume-from-step=3")
+    resumed = mc_state(train_base_dir, "mp", 6)
+    for part in ("gistnet", "lensnet"):
+        a, b = flat(s6[part]["state_dict"]), flat(resumed[part]["state_dict"])
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert all(torch.equal(h6[k], resumed["megaprediction"][k]) for k in h6), "the heads resume bit-identically"
+    with pytest.raises(ValueError, match="megaprediction: checkpoint .* vs run None"):
+        train_in_process(train_base_dir, tmp_path / "off", monkeypatch, "--model-tag=mp", "--resume-from-step=3")
+
+
+@pytest.mark.slow
+def test_with_megaprediction_on_every_other_module_trains_exactly_as_with_it_off(train_base_dir, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    train_in_process(train_base_dir, tmp_path, monkeypatch, "--model-tag=mp_off")
+    train_in_process(train_base_dir, tmp_path / "on", monkeypatch, MP, "--model-tag=mp_on")
+    off, on = mc_state(train_base_dir, "mp_off", 6), mc_state(train_base_dir, "mp_on", 6)
+    assert set(off) == OFF_KEYS and "megaprediction" not in off["shapes"]
+    for part in ("gistnet", "lensnet"):
+        a, b = flat(off[part]["state_dict"]), flat(on[part]["state_dict"])
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    ckpt = train_base_dir / "base_checkpoints"
+    a, b = torch.load(ckpt / "mp_off" / "model_000006.pt"), torch.load(ckpt / "mp_on" / "model_000006.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("[1, 2]", "must be a mapping of settings or null"),
+    ("{lod3: 1.0}", "unknown megacontext.megaprediction key"),
+    ("{lod1: 0, lod2: 0}", "needs lod1 > 0 or lod2 > 0"),
+    ("{lod1: -1}", "lod1 must be a number >= 0"),
+    ("{context_tokens: 40}", "positive multiple of 32"),
+    ("{head: conv}", "head must be one of mlp, linear"),
+])
+def test_bad_megaprediction_settings_are_one_line(setting, message):
+    import yaml
+    with pytest.raises(ValueError, match=message):
+        EndToEndVariant({"phases": [{"steps": 1, "train": ["gistnet"]}], "megaprediction": yaml.safe_load(setting)})
+
+
+def test_the_cpu_megaprediction_config_is_the_recipe_plus_the_heads():
+    from nanochat import train as train_lib
+    defaults = vars(train_lib.build_parser().parse_args([]))
+    load = lambda name: hooks.load_run_config(str(REPO / "configs" / name), {}, defaults, {"data": {}})
+    settings, name, section = load("megaprediction_cpu.yaml")
+    _, _, recipe = load("megacontext_cpu.yaml")
+    variant = EndToEndVariant(section)
+    assert name == "megacontext" and variant.mp["lod1"] > 0 and variant.mp["lod2"] > 0
+    assert settings["num_iterations"] == section["cycles"] * sum(p["steps"] for p in section["phases"])
+    assert settings["model_tag"] not in ("longctx_cpu_megacontext", "longctx_cpu", "longctx_cpu_gistnet")
+    same = {k: v for k, v in recipe.items() if k not in ("phases", "cycles")}
+    assert {k: section[k] for k in same} == same, "everything but the phase lengths is the recipe's"

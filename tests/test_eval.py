@@ -214,3 +214,136 @@ def test_megacontext_with_a_lensnet_reports_focus_figures(setup, tmp_path):
     assert "## Focus" in (tmp_path / "report.md").read_text()
     again = run(setup, cfg, lensnet=lensnet)
     assert json.dumps(strip_timing(again), sort_keys=True) == json.dumps(strip_timing(r), sort_keys=True)
+
+
+# -----------------------------------------------------------------------------
+# MegaPrediction heads: the prediction-quality and gist-first sections
+
+
+def mp_heads(seed=0):
+    from megacontext.megaprediction import MegaPrediction, MegaPredictionConfig
+    return MegaPrediction(MegaPredictionConfig(n_embd=64)).init_weights(seed=seed).eval()
+
+
+def test_without_heads_there_is_no_megaprediction_or_gist_first_section(report):
+    assert "megaprediction" not in report and "gist_first" not in report
+    assert "MegaPrediction" not in mceval.report_markdown(report)
+
+
+def test_with_heads_the_sections_report_heads_vs_baseline_and_gist_vs_token_first(setup, tmp_path):
+    model, tok, g, _, token_bytes = setup
+    rng = np.random.default_rng(5)
+    corpus = TokenCorpus(["long", "mid"], [rng.integers(1, 480, size=n) for n in (3200, 1300)], ["x"] * 2)
+    cfg = dict(SMALL, methods=["recency", "gist_uniform"], ratios=[2, 4], positions=12, gist_first=True, lod_mix=[1, 2],
+               delta_positions=0)
+    info = {"path": "mc_000001.pt", "gistnet_identity": g.identity(), "context_tokens": 224}
+    r = mceval.evaluate(model, tok, cfg, g, token_bytes=token_bytes, progress=False, corpus=corpus,
+                        heads=mp_heads(), heads_info=info)
+    mp = r["megaprediction"]
+    assert mp["context_tokens"] == 224 and mp["positions"] == r["natural_positions"] == 12
+    for lv in ("lod1", "lod2"):  # the 3200-token document has block ends with 1024 tokens before and after
+        assert mp[lv]["head"]["n"] >= 2
+        for block in (mp[lv], mp[lv]["centered"]):
+            for key in ("head", "copy_last", "gain"):
+                assert block[key]["ci95"][0] <= block[key]["value"] <= block[key]["ci95"][1] and -1 <= block[key]["value"] <= 1
+            assert block["gain"]["value"] == pytest.approx(block["head"]["value"] - block["copy_last"]["value"], abs=1e-6)
+    assert mp["lod1"]["block_ends"] == 12 * 224 // 32 and 0 < mp["lod2"]["block_ends"] < mp["lod1"]["block_ends"]
+    gf = r["gist_first"]
+    assert gf["lod_mix"] == [1, 2] and gf["placement"] == ["LOD2", "LOD1"] and gf["plan_slots_in_budget"] is False
+    assert set(gf["by_history"]) == {"128", "256"}
+    harness = mceval.Harness(model, tok, cfg, g)
+    for hist, e in gf["by_history"].items():
+        # the token-first figure is gist_uniform's own NLL on the same positions (same WCs, same rows)
+        n = int(hist)
+        positions = mceval.natural_positions(corpus.longer_than(4 * 64 + 8), cfg, random.Random(cfg["seed"]))
+        histories = [corpus.longer_than(4 * 64 + 8).arrays[d][t - n:t].astype(np.int64) for d, t in positions]
+        horizons = [corpus.longer_than(4 * 64 + 8).arrays[d][t:t + 8].astype(np.int64) for d, t in positions]
+        uniform = harness.run("gist_uniform", histories, horizons)
+        assert e["token_first_nll"] == pytest.approx(float(np.mean([float(x.mean()) for x in uniform["nll"]])), abs=1e-12)
+        assert e["difference"]["n"] == 12 and e["gist_first_nll"] != e["token_first_nll"]
+        assert e["difference"]["value"] == pytest.approx(e["gist_first_nll"] - e["token_first_nll"], abs=1e-9)
+        assert "plan_cosine_lod1" not in e, "an 8-token horizon has no whole block to compare a plan with"
+    mceval.write_report(r, str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "## MegaPrediction" in md and "## Gist-first decoding" in md and "LOD2 + LOD1" in md
+    assert "MegaPrediction cosine LOD1" in mceval.headline(r)
+
+
+def test_gist_first_without_plan_slots_is_the_token_first_nll_exactly(setup):
+    import torch
+    from megacontext.megaprediction import Planner
+    model, tok, g, _, _ = setup
+    harness = mceval.Harness(model, tok, dict(SMALL, budget_tokens=64), g)
+    rng = np.random.default_rng(2)
+    histories = [rng.integers(1, 480, size=n) for n in (96, 200, 256)]
+    horizons = [rng.integers(1, 480, size=40) for _ in histories]  # two blocks: the second plan reads the first
+    wcs, stores, _ = harness.views("gist_uniform", histories)
+    reference, _ = mceval.score_wcs(model, wcs, stores, horizons, 2, harness.bos)
+    tf, gf, plans = mceval.score_gist_first(model, wcs, stores, horizons, None, 2, harness.bos)
+    assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(reference, tf, gf)) and plans == [None] * 3
+    planner = Planner(mp_heads(), [1])
+    tf, gf, plans = mceval.score_gist_first(model, wcs, stores, horizons, planner, 2, harness.bos)
+    assert all(np.array_equal(a, b) for a, b in zip(reference, tf)), "the first pass is the token-first row"
+    assert all(len(x) == 40 for x in gf) and any(not np.array_equal(a, b) for a, b in zip(tf, gf))
+    assert plans[0].shape == (2, 1, 64)
+    # the row itself: strip the plan slots and the token-first row is back, slot for slot
+    context = (torch.tensor([7, 8, 0]), torch.tensor([False, False, True]), torch.randn(3, 64))
+    horizon = torch.tensor(rng.integers(1, 480, size=40))
+    plain = mceval.gist_first_row(context, horizon)
+    planned = mceval.gist_first_row(context, horizon, [torch.randn(2, 64), torch.randn(2, 64)])
+    assert len(planned["idx"]) == len(plain["idx"]) + 4 == 3 + 39 + 4
+    assert planned["gist_mask"][3:5].all() and planned["gist_mask"][5 + 32:5 + 34].all()
+    keep = torch.ones(len(planned["idx"]), dtype=torch.bool)
+    keep[[3, 4, 37, 38]] = False
+    for key in ("idx", "gist_mask", "gist_vectors"):
+        assert torch.equal(planned[key][keep], plain[key]), key
+    assert plain["before"] == [2, 34] and planned["before"] == [2, 36]  # block 2's plans come after block 1's tokens
+    # the same targets in the same order; a block's first token is predicted from its last plan slot
+    assert torch.equal(planned["targets"][planned["targets"] >= 0], horizon)
+    assert torch.equal(plain["targets"][plain["targets"] >= 0], horizon)
+    assert plain["targets"][2] == horizon[0] and planned["targets"][4] == horizon[0]
+    assert plain["targets"][34] == horizon[32] and planned["targets"][38] == horizon[32]
+    moved = torch.zeros_like(keep)
+    moved[[2, 4, 36, 38]] = True
+    assert torch.equal(planned["targets"][keep & ~moved[:len(keep)]], plain["targets"][~torch.isin(
+        torch.arange(len(plain["idx"])), torch.tensor([2, 34]))])
+
+
+def test_megaprediction_settings_that_cannot_work_are_one_line(setup, tmp_path):
+    model, tok, g, corpus, token_bytes = setup
+    with pytest.raises(ValueError, match="gist_first needs MegaPrediction heads"):
+        run(setup, dict(SMALL, gist_first=True))
+    with pytest.raises(ValueError, match="gistnet is not"):
+        mceval.evaluate(model, tok, dict(SMALL), None, token_bytes=token_bytes, progress=False, corpus=corpus,
+                        heads=mp_heads())
+    with pytest.raises(ValueError, match="trained on gists of gistnet-other"):
+        mceval.evaluate(model, tok, dict(SMALL), g, token_bytes=token_bytes, progress=False, corpus=corpus,
+                        heads=mp_heads(), heads_info={"gistnet_identity": "gistnet-other"})
+    assert mceval.main(["--out", str(tmp_path), "--gist_first=true"]) == 2
+    assert mceval.main(["--out", str(tmp_path), "--megaprediction=x", "--lod_mix=[3]"]) == 2
+
+
+def test_centered_cosines_ignore_a_direction_every_gist_shares(setup):
+    """A GistNet whose gists all carry one large shared vector makes the raw copy-last cosine ~1;
+    the centered one is unchanged by it."""
+    import torch
+    model, tok, g, _, _ = setup
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, inner, shift):
+            super().__init__()
+            self.inner, self.config, self.shift = inner, inner.config, shift
+
+        def forward(self, x, level):
+            return self.inner(x, level) + self.shift
+
+    rng = np.random.default_rng(6)
+    corpus = TokenCorpus(["d"], [rng.integers(1, 480, size=1400)], ["x"])
+    positions = [(0, 512), (0, 768), (0, 1024)]
+    plain = mceval.prediction_quality(model, g, mp_heads(), corpus, positions, 256, tok.get_bos_token_id())
+    shifted = mceval.prediction_quality(model, Shifted(g, 30.0 * torch.ones(64)), mp_heads(), corpus, positions, 256,
+                                        tok.get_bos_token_id())
+    assert "lod2" not in plain, "no block end here has 1024 tokens after it"
+    assert shifted["lod1"]["copy_last"]["value"] > 0.999 > plain["lod1"]["copy_last"]["value"]
+    assert shifted["lod1"]["centered"]["copy_last"]["value"] == pytest.approx(plain["lod1"]["centered"]["copy_last"]["value"],
+                                                                              abs=1e-4)

@@ -463,3 +463,53 @@ def test_bench_decode_prints_its_ratios_last(tmp_path):
     lines = r.stdout.strip().splitlines()
     assert re.fullmatch(r"decode tok/s 3k/200: \d+\.\d\d, peak RSS 3k/200: \d+\.\d\d", lines[-1]), lines[-1]
     assert sum(line.startswith("| 200 |") or line.startswith("| 3,000 |") for line in lines) == 2
+
+
+# -----------------------------------------------------------------------------
+# gist-first decoding: a MegaPrediction planner
+
+
+def planner_for(lod_mix, seed=0):
+    from megacontext.megaprediction import MegaPrediction, MegaPredictionConfig, Planner
+    return Planner(MegaPrediction(MegaPredictionConfig(n_embd=64)).init_weights(seed=seed).eval(), lod_mix)
+
+
+def test_a_planner_puts_plan_slots_before_each_block_but_never_into_the_tree(model, gistnet, tmp_path):
+    from megacontext.megaprediction import capture_hidden
+    planner = planner_for([1, 2])
+    prompt = stream(64, seed=5)  # two whole blocks: generate() starts at a block boundary
+    rt = runtime(model, gistnet, tmp_path / "t", planner=planner)
+    rt.feed(prompt)
+    with torch.no_grad(), capture_hidden(model) as cap:
+        model(torch.tensor([[BOS] + prompt]))
+    plans = planner.plans(cap.hidden[0, -1:])[0]  # from the hidden state of the block's last token: LOD2, LOD1
+
+    def with_plans(tokens_after):
+        idx = torch.tensor([[BOS] + prompt + [0, 0] + tokens_after])
+        mask = torch.zeros(idx.shape, dtype=torch.bool)
+        mask[0, 65:67] = True
+        vectors = torch.zeros(1, idx.size(1), 64)
+        vectors[0, 65:67] = plans
+        with torch.no_grad(), gist_inputs(model, mask, vectors):
+            return model(idx)[0, -1]
+
+    (first,) = list(rt.generate(1, temperature=0.0))
+    assert first == int(with_plans([]).argmax()), "the block's first token is sampled after its plans"
+    assert torch.allclose(rt.next_logits, with_plans([first]), atol=1e-4)
+    with torch.no_grad():
+        plain = model(torch.tensor([[BOS] + prompt + [first]]))[0, -1]
+    assert not torch.allclose(rt.next_logits, plain, atol=1e-3), "the plans change what the model reads"
+    got = list(rt.generate(60, temperature=0.0))  # across the refocus at 96 and the plans placed after it
+    assert rt.kv.get_pos() == 1 + rt.current_wc.cost + 2, "only the plans of block 96 remain after that refocus"
+    rt.refocus()  # the cache is rebuilt from the tree's WC: no plan slot is left
+    assert rt.kv.get_pos() == 1 + rt.current_wc.cost
+    assert torch.allclose(rt.next_logits, scratch_logits(model, rt.tree, rt.current_wc)[-1], atol=1e-4)
+    rt.close()
+    assert rt.tree.tokens().tolist() == prompt + [first] + got  # plans are never tree tokens
+
+
+def test_a_planner_with_a_wrong_width_is_refused(model, gistnet, tmp_path):
+    from megacontext.megaprediction import MegaPrediction, MegaPredictionConfig, Planner
+    wrong = Planner(MegaPrediction(MegaPredictionConfig(n_embd=32)).init_weights(seed=0), [1])
+    with pytest.raises(ValueError, match="heads have n_embd=32 but the model has 64"):
+        runtime(model, gistnet, tmp_path / "t", planner=wrong)
