@@ -46,6 +46,12 @@ Config keys (the variant's section; on the chat command line as --key=value):
   ingest          a file or a directory of text files to add to memory before the chat (progress bar;
                   a file already whole in memory, same path and SHA-256, is skipped); glob, encoding
   render          auto | chat | text
+  gist_first      true: gist-first decoding (megacontext/megaprediction.py): before each 32-token block of a
+                  reply, the MegaPrediction heads' predicted gist of that block is placed in the KV cache as
+                  a plan (never in memory); needs `megaprediction`. On the CPU testbed it raises horizon NLL
+                  (docs/benchmarks.md): off by default
+  megaprediction  an end-to-end run's model tag or mc path that trained MegaPrediction heads
+  lod_mix         the levels whose predicted gists are placed as plans: [1] or [1, 2]
   run_name        telemetry: $MEGACONTEXT_ARTIFACT_ROOT/run_logs/<run_name>-<time>.jsonl (megacontext.viz
                   follows it live)
 
@@ -89,6 +95,9 @@ DEFAULTS = {
     "glob": "*",
     "encoding": "utf-8",
     "render": "auto",
+    "megaprediction": None,
+    "gist_first": False,
+    "lod_mix": [1],
     "run_name": "chat",
 }
 RENDERS = ("auto", "chat", "text")
@@ -104,6 +113,12 @@ class MemoryChatVariant:
         self.config = merged_config(config or {}, DEFAULTS, "megacontext chat")
         if self.config["render"] not in RENDERS:
             raise ValueError(f"megacontext.render must be one of {', '.join(RENDERS)}, got {self.config['render']!r}")
+        if self.config["gist_first"] and not self.config["megaprediction"]:
+            raise ValueError("megacontext.gist_first needs MegaPrediction heads: set megaprediction to the model tag "
+                             "of a run trained with them (e.g. configs/megaprediction_cpu.yaml's)")
+        if self.config["gist_first"]:
+            from megacontext.megaprediction import check_lod_mix
+            check_lod_mix(self.config["lod_mix"])
         for key in ("budget_tokens", "refocus_every"):
             value = self.config[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -164,6 +179,15 @@ class MemoryChatSession:
         if config["lensnet"]:
             from megacontext.lensnet import load_lensnet
             self.lensnet = load_lensnet(config["lensnet"], self.model.config.n_embd, device)
+        self.planner = None
+        if config["gist_first"]:
+            from megacontext.megaprediction import Planner, load_megaprediction
+            heads, info = load_megaprediction(config["megaprediction"], self.model.config.n_embd, device)
+            if info.get("gistnet_identity") and info["gistnet_identity"] != self.gistnet.identity():
+                raise ValueError(f"the MegaPrediction heads in {info['path']} predict gists of "
+                                 f"{info['gistnet_identity']}, but gistnet is {self.gistnet.identity()}; use that run's "
+                                 f"GistNet (gistnet: the same model tag)")
+            self.planner = Planner(heads, lod_mix=config["lod_mix"])
         self.memory = memory_dir(config["memory"], session_id)
         self.tree = self.rt = self.telemetry = None
         self.turns = []                 # (role, text) of this session's conversation
@@ -197,7 +221,7 @@ class MemoryChatSession:
             allocator = FocusAllocator(AllocatorConfig(**(self.config["allocator"] or {}))) if self.lensnet else None
             self.rt = MegaContextRuntime(self.model, self.tokenizer, self.tree, budget_tokens=self.config["budget_tokens"],
                                          refocus_every=self.config["refocus_every"], lensnet=self.lensnet,
-                                         allocator=allocator, telemetry=self.telemetry)
+                                         allocator=allocator, telemetry=self.telemetry, planner=self.planner)
         except BaseException:
             self.tree.close()
             raise

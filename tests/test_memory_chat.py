@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanochat import chat, hooks
 from megacontext.memory_chat import MemoryChatVariant
@@ -321,3 +322,34 @@ def test_text_rendering_for_a_base_model_continues_memory_line_by_line(engine, t
     head = tok.encode("Once upon a time")
     assert stored[:len(head)] == head and tok.decode(stored).endswith(tok.decode(tok.encode("\nThen")) + mem.messages[-1]["content"])
     mem.close()
+
+
+def test_gist_first_needs_heads_and_then_decodes_with_plans(engine, tmp_path):
+    from megacontext.megaprediction import MegaPrediction, MegaPredictionConfig
+    with pytest.raises(ValueError, match="gist_first needs MegaPrediction heads"):
+        hooks.get_variant("megacontext", section(tmp_path / "mem", gist_first=True))
+    with pytest.raises(ValueError, match="lod_mix"):
+        hooks.get_variant("megacontext", section(tmp_path / "mem", gist_first=True, megaprediction="x", lod_mix=[3]))
+    n_embd = engine.model.config.n_embd
+    heads = MegaPrediction(MegaPredictionConfig(n_embd=n_embd)).init_weights(seed=0)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # plans that change what the model reads
+    mc = tmp_path / "mc_000001.pt"
+    torch.save({"megaprediction": heads.state_dict_prefixed(), "gistnet_identity": None,
+                "megaprediction_config": {"n_embd": n_embd}}, mc)
+    plain = session(engine, tmp_path / "plain", budget_tokens=64)
+    planned = session(engine, tmp_path / "planned", budget_tokens=64, gist_first=True, megaprediction=str(mc))
+    assert planned.planner is not None and planned.rt.planner is planned.planner
+    for sess in (plain, planned):
+        sess.max_tokens = 40
+        reply(sess, "Tell me about the sea and the ships on it, in many words.")
+    # plans are never written to memory: both memories hold their own turns, token by token
+    tok = engine.tokenizer
+    user = [planned.user_start, *tok.encode("Tell me about the sea and the ships on it, in many words."), planned.user_end,
+            planned.assistant_start]
+    stored = planned.tree.tokens().tolist()
+    assert stored[:len(user)] == user and stored[-1] == planned.assistant_end
+    assert tok.decode(stored[len(user):-1]) == planned.messages[-1]["content"]  # the reply's tokens, no plan slots
+    plain.close()
+    planned.close()
