@@ -456,7 +456,10 @@ class MemoryChatSession:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)
         lines = [f"memory {self.memory}: {self.history_tokens:,} tokens held, {self.tree.num_gists(1):,} LOD1 and "
                  f"{self.tree.num_gists(2):,} LOD2 gists; {len(self.tree.sources)} document(s) ingested",
-                 f"working context: {' + '.join(parts) or 'empty'}; cost {wc.cost}/{self.rt.budget_tokens}",
+                 f"working context: {' + '.join(parts) or 'empty'}; cost {wc.cost}: {self.rt.wc.cost} of budget "
+                 f"{self.rt.budget_tokens} at the last refocus + {wc.history_len - self.rt.wc.history_len} tokens since" if
+                 wc.history_len > self.rt.wc.history_len else
+                 f"working context: {' + '.join(parts) or 'empty'}; cost {wc.cost} of budget {self.rt.budget_tokens}",
                  f"focus: {'LensNet + allocator' if self.lensnet else 'frozen (no LensNet)'}; swap rate "
                  f"{fmt(summary.get('swap_rate'), '.3f')}, residency {fmt(summary.get('residency'), '.1%')} over "
                  f"{summary.get('refocuses', 0)} refocuses"]
