@@ -220,6 +220,14 @@ def read_task_file(path, tokenizer):
 # Scoring: rows of entries -> per-token NLL and greedy correctness (nothing here knows methods)
 
 
+def by_horizon_length(horizons):
+    """Row indices grouped by horizon length, longest first (pack_batch wants a (B, H) horizon tensor)."""
+    groups = {}
+    for i in sorted(range(len(horizons)), key=lambda i: -len(horizons[i])):
+        groups.setdefault(len(horizons[i]), []).append(i)
+    return groups
+
+
 def score_wcs(model, wcs, stores, horizons, batch_rows, bos_id):
     """Working contexts, the store each reads from (a TensorStore) and horizons (1-D token lists,
     any lengths) -> (nll list of float arrays, correct list of bool arrays), one per WC. Every
@@ -231,11 +239,7 @@ def score_wcs(model, wcs, stores, horizons, batch_rows, bos_id):
     base = getattr(model, "_orig_mod", model)
     device = base.get_device()
     nlls, corrects = [None] * len(wcs), [None] * len(wcs)
-    # group rows of equal horizon length (pack_batch wants a (B, H) horizon tensor), longest first
-    order = sorted(range(len(wcs)), key=lambda i: -len(horizons[i]))
-    groups = {}
-    for i in order:
-        groups.setdefault(len(horizons[i]), []).append(i)
+    groups = by_horizon_length(horizons)
     with torch.no_grad():
         for H, members in groups.items():
             for k in range(0, len(members), batch_rows):
@@ -331,10 +335,7 @@ def score_gist_first(model, wcs, stores, horizons, planner, batch_rows, bos_id):
             nll.append((-logp[b, where].gather(1, targets[b, where][:, None]).squeeze(1)).cpu().numpy())
         return nll, cap.hidden
 
-    order = sorted(range(len(wcs)), key=lambda i: -len(horizons[i]))
-    groups = {}
-    for i in order:
-        groups.setdefault(len(horizons[i]), []).append(i)
+    groups = by_horizon_length(horizons)
     with torch.no_grad():
         for H, members in groups.items():
             n_blocks = -(-H // B)

@@ -1009,13 +1009,12 @@ def test_page_shows_a_variant_sessions_gists_and_commands(memory_server, tmp_pat
 # The script itself, in its own process
 
 
-@pytest.mark.slow
-def test_chat_web_script_serves(fixture_base_dir):
+def start_script_server(base_dir, *args):
+    """python -m scripts.chat_web as a real process on a free port -> (process, url), once /health says ready."""
     port = free_port()
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(fixture_base_dir), PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "-i", "base", "-g", "d2", "--device-type", "cpu",
-                             "--host", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", *args, "--host", "127.0.0.1", "-p", str(port)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -1023,9 +1022,18 @@ def test_chat_web_script_serves(fixture_base_dir):
             return httpx.get(url + "/health", timeout=2).json()["ready"]
         except httpx.HTTPError:
             return False
-
     try:
         assert wait_until(up, timeout_s=300), "server did not come up"
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
+@pytest.mark.slow
+def test_chat_web_script_serves(fixture_base_dir):
+    proc, url = start_script_server(fixture_base_dir, "-i", "base", "-g", "d2", "--device-type", "cpu")
+    try:
         with httpx.stream("POST", url + "/chat/completions", json={"messages": [user("Hi")], "max_tokens": 8}, timeout=60) as r:
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1] == {"done": True} and any("token" in e for e in events)
@@ -1038,21 +1046,9 @@ def test_chat_web_script_serves(fixture_base_dir):
 def test_chat_web_script_runs_a_config_and_keeps_sessions(fixture_base_dir, tmp_path):
     config = tmp_path / "web.yaml"
     config.write_text("variant: vanilla\nsource: base\nmodel_tag: d2\ndevice_type: cpu\ntemperature: 0.0\nmax_tokens: 8\n")
-    port = free_port()
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(fixture_base_dir), PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--config", str(config), "--host", "127.0.0.1",
-                             "-p", str(port), "--session-idle-s", "600", "--max-sessions", "4"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(url + "/health", timeout=2).json()["ready"]
-        except httpx.HTTPError:
-            return False
-
+    proc, url = start_script_server(fixture_base_dir, "--config", str(config), "--session-idle-s", "600",
+                                    "--max-sessions", "4")
     try:
-        assert wait_until(up, timeout_s=300), "server did not come up"
         health = httpx.get(url + "/health", timeout=10).json()
         assert health["model"]["source"] == "base" and health["defaults"]["temperature"] == 0.0  # from the file
         assert health["variant"] == "vanilla" and health["sessions"] == {"open": 0, "max": 4, "idle_s": 600.0}
