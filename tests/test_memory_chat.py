@@ -353,3 +353,47 @@ def test_gist_first_needs_heads_and_then_decodes_with_plans(engine, tmp_path):
     assert tok.decode(stored[len(user):-1]) == planned.messages[-1]["content"]  # the reply's tokens, no plan slots
     plain.close()
     planned.close()
+
+
+REPLY_KILL_SCRIPT = """
+import sys
+from nanochat import chat, hooks
+s = chat.validate_settings(dict(chat.DEFAULTS, source="base", model_tag="d2", device_type="cpu", temperature=1.0,
+                                top_k=0, max_tokens=100000))
+engine = chat.load_engine(s)
+variant = hooks.get_variant("megacontext", {"chat": True, "gistnet": "mean", "lensnet": None,
+                                            "memory": sys.argv[1], "budget_tokens": 64, "render": "text"})
+sess = chat.build_session(engine, s, variant)
+sess.add_user_message("A story that never ends:")
+print("TURN", sess.history_tokens, flush=True)
+for piece in sess.stream_reply():  # text rendering stops only at BOS: this reply runs until the kill
+    pass
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_mid_reply_leaves_memory_readable_with_the_turn_and_a_prefix_of_the_reply(fixture_base_dir, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", REPLY_KILL_SCRIPT, str(tmp_path / "mem")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = next((out for out in proc.stdout if out.startswith("TURN")), "")  # past the model's loading chatter
+    assert line, proc.stderr.read()
+    held = int(line.split()[1])
+    deadline = time.time() + 60
+    while time.time() < deadline:  # the reply's tokens reach the tree at each refocus (every 32)
+        tree = MegaContextTree.open(tmp_path / "mem", readonly=True)
+        grown = tree.num_tokens
+        tree.close()
+        if grown > held + 64:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    tree = MegaContextTree.open(tmp_path / "mem", readonly=True)
+    assert tree.num_tokens > held + 64, "the reply never reached the tree"
+    tree.close()
+    engine = chat.load_engine(settings())
+    mem = session(engine, tmp_path / "mem", budget_tokens=64, render="text")
+    assert mem.history_tokens > held + 64
+    assert reply(mem, "And then?") is not None and mem.history_tokens > held + 64
+    mem.close()
