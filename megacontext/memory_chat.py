@@ -210,7 +210,7 @@ class MemoryChatSession:
         try:
             sources = self.tree.sources
             if sources and sources[-1]["tokens"] is None:  # an ingest was cut short: keep what it committed
-                self.tree.end_source()
+                self.tree.end_source(interrupted=True)  # --ingest of the same file adds it again, whole
                 got = self.tree.num_tokens - sources[-1]["start"]
                 self.notices.append(f"(the ingest of {sources[-1].get('path')} was interrupted; memory keeps its first "
                                     f"{got:,} tokens: --ingest it again to add it whole)")
@@ -246,7 +246,8 @@ class MemoryChatSession:
         from megacontext.ingest import check_texts, list_inputs, read_pieces
         files, skipped = list_inputs(path, self.config["glob"])
         _, sizes_hashes = check_texts(files, self.config["encoding"])
-        whole = {(s.get("path"), s.get("sha256")) for s in self.tree.sources if s["tokens"] is not None}
+        whole = {(s.get("path"), s.get("sha256")) for s in self.tree.sources
+                 if s["tokens"] is not None and not s.get("interrupted")}
         todo = [(p, size, digest) for p, (size, digest) in zip(files, sizes_hashes)
                 if (str(p.resolve()), digest) not in whole]
         if len(todo) < len(files):

@@ -504,10 +504,12 @@ class MegaContextTree:
         self._sources.append(dict(identity, start=self.num_tokens, tokens=None))
         self._save_meta()
 
-    def end_source(self):
-        """Mark the last source whole (its tokens are all ingested)."""
+    def end_source(self, **fields):
+        """Mark the last source ended (its tokens are all ingested), recording any extra JSON-able
+        fields with it (e.g. interrupted=True for one a caller closes short after a crash)."""
         if not self._sources or self._sources[-1]["tokens"] is not None:
             raise ValueError("no source is being ingested")
+        self._sources[-1].update(fields)
         self._sources[-1]["tokens"] = self.num_tokens - self._sources[-1]["start"]
         self._save_meta()
 

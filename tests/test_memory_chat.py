@@ -256,6 +256,11 @@ def test_an_ingest_cut_short_keeps_its_committed_part_and_says_so(engine, tmp_pa
     mem.close()
     again = session(engine, tmp_path / "mem")
     assert again.history_tokens > got and again.tree.sources[-1]["tokens"] == got  # a shorter source
+    assert again.tree.sources[-1]["interrupted"] is True
+    monkeypatch.setattr(ingest_module, "read_pieces", real)
+    held = again.history_tokens
+    assert again.ingest(str(doc)) == 1 + len(engine.tokenizer.encode(doc.read_text()))  # BOS + the whole file
+    assert again.history_tokens > held and len(again.tree.sources) == 2
     again.close()
 
 
