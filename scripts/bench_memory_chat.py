@@ -124,8 +124,6 @@ def rss_mib():
 
 def child(args):
     """One measured run: resume the memory, answer --replies messages; prints one JSON line."""
-    import torch
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     section = json.loads(args.section)
     engine, model_name = load_engine(args.kind)
     t0 = time.perf_counter()
@@ -150,9 +148,11 @@ def child(args):
 
 
 def perf(args):
+    import torch
     from nanochat.common import get_base_dir
     sizes = [int(s) for s in args.sizes.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="bench_memory_chat_"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_memory_chat_"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
         kind, section = build_models(work, args.random)
         engine, model_name = load_engine(kind)
@@ -160,6 +160,11 @@ def perf(args):
               flush=True)
         built = {}
         for n in sizes:
+            if (work / f"memory_{n}" / "built.json").exists():  # --work kept it from an earlier run
+                built[n] = tuple(json.loads((work / f"memory_{n}" / "built.json").read_text()))
+                print(f"  memory of {built[n][0]:,} tokens (kept in {work})", flush=True)
+                continue
+            shutil.rmtree(work / f"memory_{n}", ignore_errors=True)
             text_path = work / f"text_{n}.txt"
             text = stdlib_text(n * 6)  # ~3-4 bytes per token on this tokenizer: then cut to n tokens
             ids = engine.tokenizer.encode(text)[:n]
@@ -168,6 +173,7 @@ def perf(args):
             sess = session(engine, dict(section, ingest=str(text_path)), work / f"memory_{n}", model_name)
             built[n] = (sess.history_tokens, time.perf_counter() - t0)
             sess.close()
+            (work / f"memory_{n}" / "built.json").write_text(json.dumps(built[n]))
             print(f"  memory of {built[n][0]:,} tokens built in {built[n][1]:.1f} s "
                   f"({built[n][0] / built[n][1]:,.0f} tok/s ingest)", flush=True)
         results = {n: [] for n in sizes}
@@ -186,7 +192,11 @@ def perf(args):
                 results[n].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(f"  round {r + 1}: {n:,} tokens: {results[n][-1]}", flush=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.work:  # keep the built memories for the next run, drop the copies
+            for n in sizes:
+                shutil.rmtree(work / f"run_{n}", ignore_errors=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     best = lambda n, key, f: f(x[key] for x in results[n])
     rows = []
     for n in sizes:
@@ -206,7 +216,8 @@ def perf(args):
                       f"`python -m scripts.bench_memory_chat perf --sizes {args.sizes} --rounds {args.rounds} "
                       f"--replies {args.replies}{' --random' if args.random else ''}` at commit "
                       f"{git_commit(REPO_ROOT)}, {machine_line(info)}, load average {load_average()}; models: {kind}; "
-                      f"W = 128, K = 32, {args.max_tokens}-token greedy replies, best of {args.rounds} runs each.\n\n"
+                      f"W = 128, K = 32, {args.max_tokens}-token greedy replies, best of {args.rounds} runs each, "
+                      f"{torch.get_num_threads()} torch thread(s).\n\n"
                       + "\n".join(lines) + f"\n\n{verdict}.\n")
         record_section(section_md)
 
@@ -309,6 +320,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="measured runs per size, alternating (default 2)")
     p.add_argument("--replies", type=int, default=4, help="replies per run; the median is kept (default 4)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per reply (default 32)")
+    p.add_argument("--work", default=None, help="keep the built memories in this dir and reuse them on the next run "
+                                                 "(default: a temp dir, removed)")
     p.add_argument("--random", action="store_true", help="random weights of the testbed's shapes even when "
                                                           "trained models exist")
     q = add_record_flag(sub.add_parser("quality", help="answer accuracy: memory vs recency vs full context"))
