@@ -219,15 +219,32 @@ def test_nanochat_chat_runs_the_memory_chat_from_a_config(fixture_base_dir, tmp_
     assert "render must be one of auto, chat, text" in capsys.readouterr().err
 
 
-KILL_SCRIPT = """
-import sys
-from nanochat import chat, hooks
-s = chat.validate_settings(dict(chat.DEFAULTS, source="base", model_tag="d2", device_type="cpu", temperature=0.0,
-                                top_k=0, max_tokens=8))
-engine = chat.load_engine(s)
-variant = hooks.get_variant("megacontext", {"chat": True, "gistnet": "mean", "lensnet": None,
-                                            "memory": sys.argv[1], "budget_tokens": 64, "render": "chat"})
-sess = chat.build_session(engine, s, variant)
+def killable_session_script(body, temperature=0.0, max_tokens=8, render="chat"):
+    """A subprocess program: a memory chat session on the fixture d2 model, memory dir argv[1],
+    then `body` (which prints "TURN <tokens held>" once its first turn is committed)."""
+    return textwrap.dedent(f"""\
+        import sys
+        from nanochat import chat, hooks
+        s = chat.validate_settings(dict(chat.DEFAULTS, source="base", model_tag="d2", device_type="cpu",
+                                        temperature={temperature}, top_k=0, max_tokens={max_tokens}))
+        engine = chat.load_engine(s)
+        variant = hooks.get_variant("megacontext", {{"chat": True, "gistnet": "mean", "lensnet": None,
+                                                    "memory": sys.argv[1], "budget_tokens": 64, "render": "{render}"}})
+        sess = chat.build_session(engine, s, variant)
+        """) + textwrap.dedent(body)
+
+
+def start_until_first_turn(script, *args):
+    """Run the script in a subprocess -> (process, tokens held once its first turn is committed)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = next((out for out in proc.stdout if out.startswith("TURN")), "")  # past the model's loading chatter
+    assert line, proc.stderr.read()
+    return proc, int(line.split()[1])
+
+
+INGEST_KILL_BODY = """
 sess.add_user_message("First turn, committed.")
 print("".join(sess.stream_reply()), flush=True)
 print("TURN", sess.history_tokens, flush=True)
@@ -268,15 +285,7 @@ def test_an_ingest_cut_short_keeps_its_committed_part_and_says_so(engine, tmp_pa
 def test_a_kill_mid_ingest_leaves_memory_readable_at_its_last_commit(fixture_base_dir, tmp_path):
     doc = tmp_path / "big.txt"
     doc.write_text("".join(f"Line {i} of a long book about ships and the sea.\n" for i in range(30000)))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "mem"), str(doc)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    held = None
-    for line in proc.stdout:
-        if line.startswith("TURN"):
-            held = int(line.split()[1])
-            break
-    assert held, proc.stderr.read()
+    proc, held = start_until_first_turn(killable_session_script(INGEST_KILL_BODY), tmp_path / "mem", doc)
     deadline = time.time() + 60
     while time.time() < deadline:  # kill it once the ingest has committed something
         meta = (tmp_path / "mem" / "tree.json")
@@ -360,15 +369,7 @@ def test_gist_first_needs_heads_and_then_decodes_with_plans(engine, tmp_path):
     planned.close()
 
 
-REPLY_KILL_SCRIPT = """
-import sys
-from nanochat import chat, hooks
-s = chat.validate_settings(dict(chat.DEFAULTS, source="base", model_tag="d2", device_type="cpu", temperature=1.0,
-                                top_k=0, max_tokens=100000))
-engine = chat.load_engine(s)
-variant = hooks.get_variant("megacontext", {"chat": True, "gistnet": "mean", "lensnet": None,
-                                            "memory": sys.argv[1], "budget_tokens": 64, "render": "text"})
-sess = chat.build_session(engine, s, variant)
+REPLY_KILL_BODY = """
 sess.add_user_message("A story that never ends:")
 print("TURN", sess.history_tokens, flush=True)
 for piece in sess.stream_reply():  # text rendering stops only at BOS: this reply runs until the kill
@@ -378,12 +379,8 @@ for piece in sess.stream_reply():  # text rendering stops only at BOS: this repl
 
 @pytest.mark.slow
 def test_a_kill_mid_reply_leaves_memory_readable_with_the_turn_and_a_prefix_of_the_reply(fixture_base_dir, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", REPLY_KILL_SCRIPT, str(tmp_path / "mem")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = next((out for out in proc.stdout if out.startswith("TURN")), "")  # past the model's loading chatter
-    assert line, proc.stderr.read()
-    held = int(line.split()[1])
+    script = killable_session_script(REPLY_KILL_BODY, temperature=1.0, max_tokens=100000, render="text")
+    proc, held = start_until_first_turn(script, tmp_path / "mem")
     deadline = time.time() + 60
     while time.time() < deadline:  # the reply's tokens reach the tree at each refocus (every 32)
         tree = MegaContextTree.open(tmp_path / "mem", readonly=True)
