@@ -228,12 +228,13 @@ def read_pieces(path, encoding, chunk_bytes=CHUNK_BYTES):
 _SOURCE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 
 
-def load_base_model(cfg, device):
-    """(model, tokenizer, model_name) for the checkpoint the config names. The tag and step
+def resolve_checkpoint(cfg):
+    """(checkpoint dir, step, the name a tree records for it) for the checkpoint the config
+    names (source, model_tag, step, optionally checkpoint_dir and model_name). The tag and step
     are resolved first, so the recorded name is the same on every run for one checkpoint."""
-    from nanochat.checkpoint_manager import build_model, find_largest_model, find_last_step
+    from nanochat.checkpoint_manager import find_largest_model, find_last_step
     from nanochat.common import get_base_dir
-    if cfg["checkpoint_dir"]:
+    if cfg.get("checkpoint_dir"):
         checkpoint_dir = Path(cfg["checkpoint_dir"])
         if not checkpoint_dir.is_dir():
             raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
@@ -247,8 +248,15 @@ def load_base_model(cfg, device):
                                     f"does not exist); check model_tag or NANOCHAT_BASE_DIR")
         label = f"{cfg['source']}:{tag}"
     step = cfg["step"] if cfg["step"] is not None else find_last_step(str(checkpoint_dir))
+    return checkpoint_dir, step, cfg.get("model_name") or _short_name(f"{label}@{step}")
+
+
+def load_base_model(cfg, device):
+    """(model, tokenizer, model_name) for the checkpoint the config names (resolve_checkpoint)."""
+    from nanochat.checkpoint_manager import build_model
+    checkpoint_dir, step, model_name = resolve_checkpoint(cfg)
     model, tokenizer, _ = build_model(str(checkpoint_dir), step, device, phase="eval")
-    return model, tokenizer, cfg["model_name"] or _short_name(f"{label}@{step}")
+    return model, tokenizer, model_name
 
 
 def _short_name(name):

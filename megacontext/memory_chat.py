@@ -102,7 +102,6 @@ DEFAULTS = {
 }
 RENDERS = ("auto", "chat", "text")
 COMMANDS = ("/memory", "/forget")
-_SOURCE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 
 
 class MemoryChatVariant:
@@ -131,13 +130,8 @@ class MemoryChatVariant:
 def checkpoint_name(settings):
     """The name a tree records for the chat's checkpoint: megacontext.ingest's for the same one
     (source:tag@step), so a memory built by `python -m megacontext.ingest` opens here too."""
-    from nanochat.checkpoint_manager import find_largest_model, find_last_step
-    from nanochat.common import get_base_dir
-    from megacontext.ingest import _short_name
-    checkpoints = os.path.join(get_base_dir(), _SOURCE_DIRS[settings["source"]])
-    tag = settings["model_tag"] or find_largest_model(checkpoints)
-    step = settings["step"] if settings["step"] is not None else find_last_step(os.path.join(checkpoints, tag))
-    return _short_name(f"{settings['source']}:{tag}@{step}")
+    from megacontext.ingest import resolve_checkpoint
+    return resolve_checkpoint(settings)[2]
 
 
 class _ChatTelemetry(Telemetry):
