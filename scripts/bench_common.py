@@ -59,6 +59,12 @@ def cpu_model(cpuinfo_text):
     return "unknown CPU"
 
 
+def rss_mib(pid="self"):
+    """(current RSS, peak RSS) in MiB of a process (default this one), from /proc/<pid>/status."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
 def load_average():
     try:
         return os.getloadavg()

@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.bench_common import add_record_flag, describe_machine, git_commit, load_average, machine_line, \
-    record_section, run_cli, REPO_ROOT  # noqa: E402
+    record_section, rss_mib, run_cli, REPO_ROOT  # noqa: E402
 
 QUESTION = "What did the text say about the first function it defined, and why?"
 
@@ -117,11 +117,6 @@ def session(engine, section, memory, model_name):
     return MemoryChatSession(engine, settings, config, model_name=model_name)
 
 
-def rss_mib():
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024
-
-
 def child(args):
     """One measured run: resume the memory, answer --replies messages; prints one JSON line."""
     section = json.loads(args.section)
@@ -143,7 +138,7 @@ def child(args):
     held = sess.history_tokens
     sess.close()
     print(json.dumps({"resume_s": resume_s, "latency_s": sorted(latencies)[len(latencies) // 2],
-                      "decode_tok_s": sorted(rates)[len(rates) // 2], "rss_mib": rss_mib(), "held": held,
+                      "decode_tok_s": sorted(rates)[len(rates) // 2], "rss_mib": rss_mib()[0], "held": held,
                       "reply_tokens": tokens}))
 
 

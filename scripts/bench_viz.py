@@ -53,6 +53,7 @@ from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
 from nanochat.common import get_base_dir
 from nanochat.tokenizer import RustBPETokenizer
+from scripts.bench_common import rss_mib
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 tokenizer_dir = args.tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
@@ -110,11 +111,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def rss_mib(pid):
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def percentiles(ms):
