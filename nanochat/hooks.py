@@ -177,13 +177,17 @@ def last_saved_step(checkpoint_dir):
         return None
 
 
-def before_optimizer_step(variant, optimizer, train_loss, step, checkpoint_dir):
+def before_optimizer_step(variant, optimizer, train_loss, step, checkpoint_dir, scaler=None):
     """
     Right before optimizer.step(). With a variant that sets max_nonfinite_steps, a step whose
     loss or grads hold NaN/inf loses every grad (so no parameter, and no optimizer state,
     moves), is counted in variant.nonfinite_skipped, and returns the last finite loss in place
     of the bad one, so the smoothed loss and the checkpoints stay finite; max_nonfinite_steps
     such steps in a row stop the run naming the last saved step. All ranks decide together.
+    Under fp16's GradScaler the scaler owns the grads: their overflow is routine (it skips
+    those steps and lowers its scale), so only a non-finite loss counts, and its grads are
+    made NaN rather than dropped, so the scaler skips the step as its own (it refuses to step
+    an optimizer whose grads it never checked).
     Then param groups without any grad (all of a vanilla run's have one) are set aside until
     after_optimizer_step. Returns the loss to log.
     """
@@ -191,14 +195,18 @@ def before_optimizer_step(variant, optimizer, train_loss, step, checkpoint_dir):
     limit = getattr(variant, "max_nonfinite_steps", None)
     if limit:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        bad = torch.tensor(0.0 if bool(torch.isfinite(train_loss).all()) and _grads_finite(params) else 1.0)
+        finite = bool(torch.isfinite(train_loss).all()) and (scaler is not None or _grads_finite(params))
+        bad = torch.tensor(0.0 if finite else 1.0)
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             bad = bad.to(train_loss.device)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if float(bad) > 0:
             for p in params:
-                p.grad = None
+                if scaler is None:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.fill_(float("nan"))
             variant.nonfinite_skipped = getattr(variant, "nonfinite_skipped", 0) + 1
             variant.nonfinite_in_row = getattr(variant, "nonfinite_in_row", 0) + 1
             if variant.nonfinite_in_row >= limit:

@@ -519,7 +519,7 @@ def train(args, variant=None, data_source=None):  # hook: data_source (a run con
             if group['kind'] == 'muon':
                 group["momentum"] = muon_momentum
                 group["weight_decay"] = muon_weight_decay
-        train_loss = hooks.before_optimizer_step(variant, optimizer, train_loss, step, checkpoint_dir)  # hook: NaN/inf guard (opt-in), idle groups sit out
+        train_loss = hooks.before_optimizer_step(variant, optimizer, train_loss, step, checkpoint_dir, scaler)  # hook: NaN/inf guard (opt-in), idle groups sit out
         if scaler is not None:
             scaler.unscale_(optimizer)
             # all ranks must agree to skip a step when any of them saw inf/nan

@@ -210,6 +210,41 @@ def test_nonfinite_guard_skips_the_step_then_stops_naming_the_last_checkpoint(tm
     assert v.nonfinite_skipped == 3
 
 
+def test_nonfinite_guard_under_fp16s_grad_scaler_leaves_overflow_to_the_scaler(tmp_path):
+    # the trainer's fp16 sequence: scale(loss).backward(), the guard, unscale_, step, update
+    class Guarded:
+        name = "guarded"
+        max_nonfinite_steps = 2
+    v = Guarded()
+    a = torch.nn.Parameter(torch.ones(3))
+    opt = _adamw([a])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+
+    def step(loss_value, grad, n):
+        scaler.scale(torch.zeros(()))  # as scale(loss) does: the scaler's state for this iteration
+        a.grad = torch.as_tensor(grad, dtype=torch.float32) * scaler.get_scale()  # what backward() leaves
+        logged = hooks.before_optimizer_step(v, opt, torch.tensor(loss_value), n, str(tmp_path), scaler)
+        scaler.unscale_(opt)
+        scaler.step(opt)  # raises "No inf checks were recorded" if the guard had dropped every grad
+        scaler.update()
+        hooks.after_optimizer_step(opt)
+        return float(logged)
+
+    assert step(2.0, [1.0, 1.0, 1.0], 0) == 2.0
+    moved = a.detach().clone()
+    assert not torch.equal(moved, torch.ones(3))
+    scale = scaler.get_scale()
+    # an overflowing grad with a finite loss: the scaler skips it and lowers its scale; the guard counts nothing
+    assert step(2.0, [1.0, float("inf"), 1.0], 1) == 2.0
+    assert torch.equal(a.detach(), moved) and scaler.get_scale() < scale
+    assert getattr(v, "nonfinite_skipped", 0) == 0
+    # a NaN loss: counted, the last finite loss logged, and the scaler skips the step (no weight moves)
+    assert step(float("nan"), [1.0, 1.0, 1.0], 2) == 2.0
+    assert torch.equal(a.detach(), moved) and v.nonfinite_skipped == 1
+    with pytest.raises(RuntimeError, match="2 steps in a row"):
+        step(float("inf"), [1.0, 1.0, 1.0], 3)
+
+
 def test_vanilla_has_no_guard_and_counts_upstreams_tokens():
     a = torch.nn.Parameter(torch.ones(3))
     opt = _adamw([a])
