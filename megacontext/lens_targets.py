@@ -58,8 +58,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megacontext.base_inputs import gist_inputs
-from megacontext.working_context import TensorStore, pack_batch
+from megacontext.losses import horizon_nll
+from megacontext.working_context import TensorStore
 
 # -----------------------------------------------------------------------------
 # WCs as rows the base model reads
@@ -88,19 +88,10 @@ def masked_horizon_nll(model, wcs, stores, horizons, horizon_masks, bos_id=None,
     (rows [BOS] + WC + horizon, pack_batch; `length` pads to a fixed shape); horizons (R, H) token
     ids; horizon_masks (R, H) bool (False = not scored, e.g. the filler of a synthetic row). A row
     with no scored token gets 0. Differentiable (gists in the stores, the model) unless the caller
-    runs under no_grad."""
-    base = getattr(model, "_orig_mod", model)
-    device = base.get_device()
-    hz, hm = horizons.to(device), horizon_masks.to(device)
-    batch = pack_batch(wcs, stores, hz, n_embd=base.config.n_embd, bos_id=bos_id, length=length, device=device)
-    idx, targets = batch["idx"], batch["targets"]
-    first = (targets >= 0).float().argmax(1)  # position predicting horizon token 0
-    cols = first[:, None] + torch.arange(hz.size(1), device=device)[None, :]
-    targets.scatter_(1, cols, torch.where(hm, hz, torch.full_like(hz, -1)))
-    with gist_inputs(model, batch["gist_mask"], batch["gist_vectors"]):
-        losses = model(idx, targets, loss_reduction="none").view(idx.shape)
-    n = hm.sum(1)
-    return losses.sum(1) / n.clamp(min=1), n
+    runs under no_grad. losses.horizon_nll with its mask, on the model's device."""
+    device = getattr(model, "_orig_mod", model).get_device()
+    return horizon_nll(model, wcs, horizons.to(device), stores, bos_id=bos_id, length=length,
+                       horizon_mask=horizon_masks.to(device), counts=True)
 
 
 def horizon_nlls(model, wcs, stores, horizons, horizon_masks, bos_id=None, batch_rows=32):

@@ -56,22 +56,33 @@ def _as_token_tensor(tokens, device, what="tokens"):
     return t.long()
 
 
-def horizon_nll(model, contexts, horizons, stores, bos_id=None, length=None):
+def horizon_nll(model, contexts, horizons, stores, bos_id=None, length=None, horizon_mask=None, counts=False):
     """Mean NLL (nats/token) of each horizon given its context -> (B,) float32.
 
     contexts: B WorkingContexts, read from `stores` (one per WC, or one shared) and packed by
-    pack_batch (bos_id, length: see there); horizons: (B, H) token ids. Differentiable with
-    respect to gists held in the stores."""
+    pack_batch (bos_id, length: see there); horizons: (B, H) token ids. horizon_mask (B, H) bool:
+    score only these tokens (e.g. a synthetic row's answer, not its filler); a row with none
+    scores 0. counts=True also returns the (B,) number of scored tokens. Differentiable with
+    respect to gists held in the stores (and the model, unless the caller freezes it)."""
     if len(contexts) == 0:
         raise ValueError("horizon_nll needs at least one context")
     base = getattr(model, "_orig_mod", model)
+    device = base.get_device()
     batch = pack_batch(contexts, stores, horizons, n_embd=base.config.n_embd, bos_id=bos_id, length=length,
-                       device=base.get_device())
+                       device=device)
     idx, targets, mask, vectors = batch["idx"], batch["targets"], batch["gist_mask"], batch["gist_vectors"]
+    if horizon_mask is None:
+        n_targets = (targets >= 0).sum(1)  # = H in every row
+    else:  # the H target positions are consecutive from the last context slot: unscored ones become -1
+        hz, hm = torch.as_tensor(horizons, device=device).long(), torch.as_tensor(horizon_mask, device=device).bool()
+        first = (targets >= 0).float().argmax(1)
+        cols = first[:, None] + torch.arange(hz.size(1), device=device)[None, :]
+        targets.scatter_(1, cols, torch.where(hm, hz, torch.full_like(hz, -1)))
+        n_targets = hm.sum(1)
     with gist_inputs(model, mask, vectors):
         losses = model(idx, targets, loss_reduction="none")
-    n_targets = (targets >= 0).sum(1)  # = H in every row
-    return losses.view(idx.shape).sum(1) / n_targets
+    nll = losses.view(idx.shape).sum(1) / n_targets.clamp(min=1)
+    return (nll, n_targets) if counts else nll
 
 
 # -----------------------------------------------------------------------------
@@ -249,7 +260,8 @@ def pooling_mse_loss(gists, inputs):
     return F.mse_loss(norm(gists.float()), norm(inputs.float().mean(dim=1)))
 
 
-def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, level=1, first_token=0, bos=None):
+def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, level=1, first_token=0, bos=None,
+                   horizon_mask=None):
     """Mean ΔNLL of a batch of windows with LOD-`level` gists, differentiable w.r.t. GistNet.
 
     windows (B, C + H): context then horizon, block-aligned (first_token = position of
@@ -259,7 +271,9 @@ def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, leve
     `level` may be a tuple, e.g. (1, 2): the sum of each level's mean ΔNLL, with the LOD1 gists,
     NLL_full and the gisted rows computed once for all levels (one batched forward).
     The base model is kept frozen: it receives no gradients (see frozen()). With bos=<id>
-    every row starts with that token (windows then hold no BOS of their own)."""
+    every row starts with that token (windows then hold no BOS of their own). horizon_mask
+    (B, H) bool scores only those horizon tokens (a synthetic row's answer); each window
+    counts once in the mean, however many tokens it scores."""
     levels = (level,) if isinstance(level, int) else tuple(level)
     if not levels or any(lv not in (1, 2) for lv in levels):
         raise ValueError(f"level must be 1 or 2 (or a tuple of them), got {level!r}")
@@ -280,8 +294,12 @@ def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, leve
         stores = [context_store(contexts[b], lod1[b], None if lod2 is None else lod2[b], first_token)
                   for b in range(B)]
         wcs = [layouts[f"lod{lv}"] for lv in levels for _ in range(B)]
-        nll_gisted = horizon_nll(model, wcs, horizons.repeat(len(levels), 1), stores=stores * len(levels),
-                                 bos_id=bos).view(len(levels), B)
+        if horizon_mask is not None:
+            horizon_mask = torch.as_tensor(horizon_mask, device=windows.device).bool()
+        nll_gisted = horizon_nll(model, wcs, horizons.repeat(len(levels), 1), stores=stores * len(levels), bos_id=bos,
+                                 horizon_mask=None if horizon_mask is None else horizon_mask.repeat(len(levels), 1))
+        nll_gisted = nll_gisted.view(len(levels), B)
         with torch.no_grad():
-            nll_full = horizon_nll(model, [layouts["full"]] * B, horizons, stores=stores, bos_id=bos)
+            nll_full = horizon_nll(model, [layouts["full"]] * B, horizons, stores=stores, bos_id=bos,
+                                   horizon_mask=horizon_mask)
     return (nll_gisted - nll_full[None]).mean(dim=1).sum()

@@ -3,8 +3,8 @@ Rows of long documents for training, and the data source that hands them to nano
 
 A row is `row_tokens` tokens of ONE document, starting with BOS: either a window of a natural
 document (BOS + the document from a random offset) or a synthetic case (synthetic.py) whose
-question sits at a random length and whose document goes on after the answer with the case's
-further queries (needle, assoc) and then natural text. Which kind a row is comes from the mixture weights. Rows never cross documents;
+question sits at a random length (or at a fixed one, `synthetic_history`) and whose document
+goes on after the answer with the case's further queries (needle, assoc) and then natural text. Which kind a row is comes from the mixture weights. Rows never cross documents;
 natural documents shorter than a row are skipped (counted in `skipped`).
 
 Targets: a natural row is supervised everywhere. In a synthetic row only the question, the
@@ -58,12 +58,17 @@ class RowStream:
     """Deterministic stream of long-document rows of one split."""
 
     def __init__(self, tokenizer, row_tokens, split="train", mixture=None, seed=0, sources=SOURCES, corpus=None,
-                 synthetic_targets="answers"):
+                 synthetic_targets="answers", synthetic_history=None):
         if synthetic_targets not in ("answers", "all"):
             raise ValueError(f"synthetic_targets must be 'answers' or 'all', got {synthetic_targets!r}")
         self.synthetic_targets = synthetic_targets
         if row_tokens < 2:
             raise ValueError(f"row_tokens must be at least 2, got {row_tokens}")
+        # a fixed history puts every answer at the same position of its row (JT1 scores a fixed horizon)
+        if synthetic_history is not None and not MIN_SYNTHETIC_HISTORY <= synthetic_history <= row_tokens - 16:
+            raise ValueError(f"synthetic_history must lie in [{MIN_SYNTHETIC_HISTORY}, {row_tokens - 16}] (room for "
+                             f"the answer in a {row_tokens}-token row), got {synthetic_history}")
+        self.synthetic_history = synthetic_history
         self.tokenizer = tokenizer
         self.row_tokens = row_tokens
         self.split = split
@@ -104,6 +109,8 @@ class RowStream:
         # a synthetic case with a history of random length, the document continuing after it
         longest = n - 16  # leave room for the answer
         history = rng.randrange(min(MIN_SYNTHETIC_HISTORY, longest), longest + 1)
+        if self.synthetic_history is not None:  # drawn anyway: the rest of the row's draws stay as they were
+            history = self.synthetic_history
         depth = rng.random()
         try:
             case = make_case(kind, rng, self.tokenizer, self.filler_corpus, history, depth)
@@ -226,9 +233,10 @@ class LongDocSource:
     Config keys (the run config's `data:` section): source (= longdocs), mixture (kind ->
     weight; kinds: natural, passkey, needle, repeat, assoc, vartrack), seed, sources (offline
     text sources, default all of longdocs.SOURCES), val_seed, synthetic_targets (answers | all,
-    see the module docstring)."""
+    see the module docstring), synthetic_history (tokens before every synthetic answer, BOS and
+    question included; default: a random length per row)."""
 
-    KEYS = ("source", "mixture", "seed", "sources", "val_seed", "synthetic_targets")
+    KEYS = ("source", "mixture", "seed", "sources", "val_seed", "synthetic_targets", "synthetic_history")
 
     def __init__(self, config):
         unknown = set(config) - set(self.KEYS)
@@ -241,6 +249,7 @@ class LongDocSource:
         self.val_seed = int(self.config.get("val_seed", 12345))
         self.sources = tuple(self.config.get("sources") or SOURCES)
         self.synthetic_targets = self.config.get("synthetic_targets", "answers")
+        self.synthetic_history = self.config.get("synthetic_history")
 
     def describe(self):
         mix = ", ".join(f"{k} {w:g}" for k, w in self.mixture.items())
@@ -249,7 +258,7 @@ class LongDocSource:
     def train_loader(self, tokenizer, B, T, device, resume_state_dict=None):
         """(x, y, state) forever, like nanochat's tokenizing loader; resumes exactly from state."""
         stream = RowStream(tokenizer, T + 1, "train", self.mixture, self.seed, self.sources,
-                           synthetic_targets=self.synthetic_targets)
+                           synthetic_targets=self.synthetic_targets, synthetic_history=self.synthetic_history)
         if stream.skipped:
             print(f"long documents: {len(stream.skipped)} train documents shorter than {T} tokens are "
                   f"used only as synthetic filler")
@@ -262,6 +271,6 @@ class LongDocSource:
     def val_loader(self, tokenizer, B, T, device):
         """(x, y) of the val split: the same rows every time it is built."""
         stream = RowStream(tokenizer, T + 1, "val", self.mixture, self.val_seed, self.sources,
-                           synthetic_targets=self.synthetic_targets)
+                           synthetic_targets=self.synthetic_targets, synthetic_history=self.synthetic_history)
         for batch, supervised, _, _ in _batches(stream, B, 0, device):
             yield batch[:, :-1].contiguous(), _targets(batch, supervised)

@@ -115,7 +115,7 @@ def test_cases_are_deterministic_and_hold_the_answer_at_the_stated_depth(kind, t
 def test_cases_do_not_depend_on_the_process_hash_seed(upstream_fixtures):
     # sets of strings iterate in an order that PYTHONHASHSEED changes: a case (and so a training
     # row, and exact resume) must not depend on it
-    import subprocess, sys, os, hashlib
+    import subprocess, sys, os
     script = (
         "import random, hashlib, numpy as np\n"
         "from megacontext.synthetic import make_case, TASKS\n"
@@ -224,6 +224,28 @@ def test_synthetic_rows_supervise_the_question_and_answers_only(tokenizer, monke
     x2, y2, _ = next(LongDocSource({"source": "longdocs", "mixture": {"assoc": 1.0}, "synthetic_targets": "all"})
                      .train_loader(tokenizer, 1, 512, "cpu"))
     assert (x2 == x).all() and (y2 >= 0).all()
+
+
+def test_a_fixed_synthetic_history_puts_every_answer_at_one_position(tokenizer, monkeypatch):
+    corpus = fake_corpus()
+    stream = RowStream(tokenizer, 513, mixture={"passkey": 1.0, "needle": 1.0, "vartrack": 1.0}, corpus=corpus,
+                       synthetic_history=300)
+    for i in range(12):
+        tokens, kind, supervised = stream.row_with_targets(i)
+        assert len(tokens) == 513 and kind != "natural"
+        assert supervised[300] and not supervised[:300 - 64].any()  # the answer starts at 300, after the question
+        first = int(np.argmax(supervised))
+        assert tokenizer.decode(tokens[first:300].tolist()).lstrip().startswith("What")
+    # each row's other draws (kind, depth, filler) are those of the random-history stream
+    free = RowStream(tokenizer, 513, mixture={"passkey": 1.0, "needle": 1.0, "vartrack": 1.0}, corpus=corpus)
+    assert [free.row(i)[1] for i in range(12)] == [stream.row(i)[1] for i in range(12)]
+    for bad in (100, 498):
+        with pytest.raises(ValueError, match="synthetic_history must lie in"):
+            RowStream(tokenizer, 513, corpus=corpus, synthetic_history=bad)
+    monkeypatch.setattr("megacontext.window_loader.load_corpus", lambda *a, **k: corpus)
+    x, y, _ = next(LongDocSource({"source": "longdocs", "mixture": {"passkey": 1.0}, "synthetic_history": 300})
+                   .train_loader(tokenizer, 2, 512, "cpu"))
+    assert (y[:, 299] >= 0).all()  # the trainer's targets: row token 300 is y[299]
 
 
 def test_a_case_written_as_a_document_holds_the_fact_and_prints_question_and_answer(fixture_base_dir, tmp_path, capsys,

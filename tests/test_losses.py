@@ -89,6 +89,25 @@ def test_horizon_nll_of_a_token_row_is_plain_cross_entropy(model, document):
     assert abs(got.item() - want) < 1e-5
 
 
+def test_horizon_mask_scores_only_its_tokens(model, document):
+    context, horizon = document[:100], document[100:120]
+    wc, store = [WorkingContext.uniform(100, 0)], TensorStore(context)
+    everything = losses.horizon_nll(model, wc, horizon[None], stores=store)
+    all_true = losses.horizon_nll(model, wc, horizon[None], stores=store, horizon_mask=torch.ones(1, 20, dtype=torch.bool))
+    assert all_true.item() == pytest.approx(everything.item(), abs=1e-6)
+    # one scored token is that token's cross-entropy; two are the mean of the two; none scores 0
+    logits = model(document[None, :119])[0]
+    per_token = F.cross_entropy(logits[99:119], horizon, reduction="none")
+    for picked in ([3], [3, 11], [0, 19]):
+        mask = torch.zeros(1, 20, dtype=torch.bool)
+        mask[0, picked] = True
+        got, n = losses.horizon_nll(model, wc, horizon[None], stores=store, horizon_mask=mask, counts=True)
+        assert int(n) == len(picked)
+        assert got.item() == pytest.approx(per_token[picked].mean().item(), abs=1e-5)
+    none = losses.horizon_nll(model, wc, horizon[None], stores=store, horizon_mask=torch.zeros(1, 20, dtype=torch.bool))
+    assert none.item() == 0.0
+
+
 def test_right_padded_batch_equals_rows_one_by_one(model, document, gistnet):
     gists = gistnet(token_embeddings(model, document[:128].view(4, 32)), 1)
     store = TensorStore(document[:128], gists)
@@ -191,6 +210,21 @@ def test_delta_nll_loss_equals_the_metric_on_the_same_window(model, gistnet, doc
     loss = losses.delta_nll_loss(model, gistnet, document[t - C:t + H][None], context_tokens=C, level=level,
                                  first_token=t - C)
     assert loss.item() == pytest.approx(metric[f"delta_lod{level}"], abs=1e-5)
+
+
+def test_delta_nll_loss_with_a_horizon_mask(model, gistnet, document):
+    windows = torch.stack([document[:160], document[320:480]])
+    plain = losses.delta_nll_loss(model, gistnet, windows, context_tokens=128)
+    full_mask = torch.ones(2, 32, dtype=torch.bool)
+    assert losses.delta_nll_loss(model, gistnet, windows, context_tokens=128, horizon_mask=full_mask).item() == \
+        pytest.approx(plain.item(), abs=1e-6)
+    # a mask on the first 4 horizon tokens is the ΔNLL of those tokens alone: the metric on a 4-token horizon
+    mask = torch.zeros(2, 32, dtype=torch.bool)
+    mask[:, :4] = True
+    masked = losses.delta_nll_loss(model, gistnet, windows, context_tokens=128, horizon_mask=mask)
+    short = losses.delta_nll_loss(model, gistnet, windows[:, :132], context_tokens=128)
+    assert masked.item() == pytest.approx(short.item(), abs=1e-5)
+    assert masked.item() != pytest.approx(plain.item(), abs=1e-4)
 
 
 def test_delta_nll_loss_trains_gistnet_only(gistnet, document):

@@ -173,3 +173,24 @@ def test_jt1_on_long_document_rows_reads_past_the_bos(train_base_dir, tmp_path):
     bad = config.replace("  context_tokens: 96\n", "  context_tokens: 160\n")
     r = run_train_config(train_base_dir, bad, tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "lower megacontext.context_tokens" in r.stderr
+
+
+def test_jt1_scores_the_horizon_tokens_the_rows_supervise():
+    # the horizon mask is the trainer's supervision (y != -1) of the horizon tokens, BOS row or not
+    from megacontext.gistnet import GistNet, GistNetConfig
+    from megacontext.variant import MegaContextVariant
+    C, H = 64, 8
+    variant = MegaContextVariant({"base_model_tag": "x", "context_tokens": C, "horizon": H, "long_documents": True,
+                                  "pooling_mse_steps": 0})
+    rows = torch.arange(3 * (1 + C + H + 4)).view(3, -1)
+    x, y = rows[:, :-1], rows[:, 1:].clone()
+    y[1, :] = -1
+    y[1, C:C + 3] = rows[1, C + 1:C + 4]  # row 1: a synthetic row whose answer is the horizon's first 3 tokens
+    y[2, :] = -1                          # row 2: its answer lies elsewhere
+    windows, mask, bos = variant._windows(x, y)
+    assert bos == 0 and torch.equal(windows, rows[:, 1:1 + C + H])
+    assert mask[0].all() and mask[1].tolist() == [True] * 3 + [False] * (H - 3) and not mask[2].any()
+    # a micro-batch in which no row scores a horizon token is a zero loss that still reaches GistNet
+    variant.gistnet = GistNet(GistNetConfig(n_embd=16, n_layer=1, n_head=2)).init_weights(seed=0)
+    loss, metrics = variant.loss(None, (x[2:], y[2:]), step=5)
+    assert loss.item() == 0.0 and loss.requires_grad and metrics["rows_unscored"] == 1
