@@ -21,7 +21,8 @@ same budget W (`budget_tokens`, token-equivalents: a LOD0 token costs 1, a gist 
                   runtime runs them: the history streams in, starting from its first
                   `refocus_every` tokens; after every further `refocus_every` tokens the WC grows
                   (WorkingContext.extend collapses oldest-first when the new tokens overflow W),
-                  LensNet scores it and the allocator refocuses; one last refocus at the end of
+                  LensNet scores it and the allocator refocuses (`refocus_rounds` times at most
+                  while the WC changes, as runtime.Focus does); one last refocus at the end of
                   the history (the runtime refocuses before every reply). The horizon is then
                   scored over that WC. Without a LensNet it is listed under `absent_methods`.
 
@@ -107,6 +108,7 @@ DEFAULTS = {
     "lensnet": None,              # a JT2 run's model tag (its last mc_XXXXXX.pt) or a .pt path; None = no megacontext method
     "lora": None,                 # an end-to-end run's model tag (or mc path) whose LoRA every method reads the base through
     "refocus_every": 32,          # K: tokens between refocuses of the megacontext method (as the runtime's K)
+    "refocus_rounds": 1,          # LensNet + allocator rounds per refocus (runtime.Focus, as the runtime's)
     "allocator": {},              # megacontext.allocator.AllocatorConfig fields (empty = its defaults)
     "device_type": "",            # cuda | cpu | mps ("" = autodetect)
     "budget_tokens": 128,         # W
@@ -566,7 +568,7 @@ class Harness:
         lod1, lod2 = gists
         K, W = self.cfg["refocus_every"], self.W
         embed_fn = lambda ids: token_embeddings(self.model, ids.to(self.device))
-        focus = Focus(self.lensnet, FocusAllocator(AllocatorConfig(**self.cfg["allocator"])))
+        focus = Focus(self.lensnet, FocusAllocator(AllocatorConfig(**self.cfg["allocator"])), self.cfg["refocus_rounds"])
         n = min(history_len, K)
         wc = WorkingContext.recency(n, W)
         previous = None  # the WC after the last refocus (residency compares consecutive ones)
@@ -663,6 +665,8 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
         raise ValueError(f"delta_context={C} must be a multiple of {BLOCK_SIZE} and at least {2 * BLOCK_SIZE}")
     if cfg["refocus_every"] < 1:
         raise ValueError(f"refocus_every={cfg['refocus_every']} must be at least 1 (tokens between refocuses)")
+    if cfg["refocus_rounds"] < 1:
+        raise ValueError(f"refocus_rounds={cfg['refocus_rounds']} must be at least 1 (LensNet + allocator rounds per refocus)")
     planner, heads_info = None, dict(heads_info or {})
     if cfg.get("gist_first") and heads is None:
         raise ValueError("gist_first needs MegaPrediction heads: set megaprediction to an end-to-end run trained with them")
@@ -774,7 +778,7 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
             values = [rec[key] for rec in log if rec[key] is not None]
             report[key] = {"megacontext": float(np.mean(values))} if values else {}
         report["focus"] = {"refocuses": len(log), "invalid_scores": int(sum(rec["invalid_scores"] for rec in log)),
-                           "refocus_every": cfg["refocus_every"]}
+                           "refocus_every": cfg["refocus_every"], "refocus_rounds": cfg["refocus_rounds"]}
     harness.focus_log = None
     timings["bpb"] = time.time() - t0 - gist_first_s
     if planner is not None:
@@ -972,7 +976,8 @@ def report_markdown(report):
     if report.get("swap_rate"):
         f = report["focus"]
         lines += ["", f"## Focus (megacontext, natural-text workload: {f['refocuses']} refocuses, one every "
-                  f"{f['refocus_every']} tokens; {f['invalid_scores']} invalid scores)", "",
+                  f"{f['refocus_every']} tokens, up to {f.get('refocus_rounds', 1)} rounds each; "
+                  f"{f['invalid_scores']} invalid scores)", "",
                   "| figure | value | seed target |", "|---|---|---|"]
         for key, goal in FOCUS_TARGETS.items():
             lines.append(f"| {key} | {_fmt(report[key].get('megacontext'))} | {goal} |")

@@ -39,7 +39,7 @@ Config keys (the variant's section; on the chat command line as --key=value):
   lensnet         a JT2/e2e run's model tag or mc path; null = frozen focus (budget keeping only)
   allocator       megacontext.allocator.AllocatorConfig fields
   lora            an end-to-end run's model tag or mc path whose LoRA the base reads through; null = none
-  budget_tokens   W, refocus_every  K
+  budget_tokens   W, refocus_every  K, refocus_rounds  LensNet + allocator rounds per refocus (runtime.Focus)
   memory          the memory dir (created if missing); default $NANOCHAT_BASE_DIR/megacontext/chat/default.
                   A front-end that keeps several conversations (chat_web) gives each its own:
                   <memory>/sessions/<session id> (default root $NANOCHAT_BASE_DIR/megacontext/chat).
@@ -90,6 +90,7 @@ DEFAULTS = {
     "lora": None,
     "budget_tokens": 128,
     "refocus_every": 32,
+    "refocus_rounds": 1,
     "memory": None,
     "ingest": None,
     "glob": "*",
@@ -118,7 +119,7 @@ class MemoryChatVariant:
         if self.config["gist_first"]:
             from megacontext.megaprediction import check_lod_mix
             check_lod_mix(self.config["lod_mix"])
-        for key in ("budget_tokens", "refocus_every"):
+        for key in ("budget_tokens", "refocus_every", "refocus_rounds"):
             value = self.config[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"megacontext.{key} must be a positive integer, got {value!r}")
@@ -215,7 +216,8 @@ class MemoryChatSession:
             allocator = FocusAllocator(AllocatorConfig(**(self.config["allocator"] or {}))) if self.lensnet else None
             self.rt = MegaContextRuntime(self.model, self.tokenizer, self.tree, budget_tokens=self.config["budget_tokens"],
                                          refocus_every=self.config["refocus_every"], lensnet=self.lensnet,
-                                         allocator=allocator, telemetry=self.telemetry, planner=self.planner)
+                                         allocator=allocator, telemetry=self.telemetry, planner=self.planner,
+                                         refocus_rounds=self.config["refocus_rounds"])
         except BaseException:
             self.tree.close()
             raise

@@ -14,6 +14,7 @@ lists them with their defaults:
                                 keeps its budget, oldest entries collapsing first)
     allocator                   megacontext.allocator.AllocatorConfig fields ({} = its defaults)
     budget_tokens, refocus_every  W and K
+    refocus_rounds              LensNet + allocator rounds per refocus (runtime.Focus; default 1)
     memory                      the tree directory: created if missing, continued if it holds a
                                 tree (from megacontext.ingest or an earlier run) of the same base
                                 model and GistNet; default $NANOCHAT_BASE_DIR/megacontext/memory/<run_name>
@@ -50,6 +51,7 @@ DEFAULTS = {
     "allocator": {},
     "budget_tokens": 128,
     "refocus_every": 32,
+    "refocus_rounds": 1,
     "memory": None,
     "device_type": "",
     "generate": 0,
@@ -159,7 +161,7 @@ def run(cfg, input_path):
     try:
         rt = MegaContextRuntime(model, tokenizer, tree, budget_tokens=cfg["budget_tokens"],
                                 refocus_every=cfg["refocus_every"], lensnet=lensnet, allocator=allocator,
-                                telemetry=telemetry)
+                                telemetry=telemetry, refocus_rounds=cfg["refocus_rounds"])
         focus = "LensNet + allocator" if lensnet is not None else "frozen (no LensNet)"
         print(f"memory {memory}: {rt.history_len:,} tokens held; W = {rt.budget_tokens}, K = {rt.refocus_every}, "
               f"focus {focus}, GistNet {gistnet.identity()}")

@@ -111,37 +111,59 @@ def _unbudgeted(wc):
 class Focus:
     """LensNet + the allocator, with the per-node memory LensNet's features read (each node's last
     score and the refocus of its last change). One refocus() per refocus; the runtime and the
-    eval harness's `megacontext` method both go through it, so they focus the same way."""
+    eval harness's `megacontext` method both go through it, so they focus the same way.
 
-    def __init__(self, lensnet, allocator):
-        self.lensnet, self.allocator = lensnet, allocator
+    rounds > 1: a refocus scores and allocates again on its own result, up to `rounds` times
+    while the WC still changes, so that a gist expanded in one round can have a child expanded
+    in the next: a fact in a LOD2 span reaches LOD0 (LOD2 -> LOD1 -> LOD0) in the refocus that
+    first sees the question, not K tokens later. Each round is one LensNet call and may make up
+    to the allocator's max_changes."""
+
+    def __init__(self, lensnet, allocator, rounds=1):
+        if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 1:
+            raise ValueError(f"refocus rounds must be an integer >= 1, got {rounds!r}")
+        self.lensnet, self.allocator, self.rounds = lensnet, allocator, int(rounds)
         self.last_score, self.last_change = {}, {}  # node (level, index) -> last score / refocus of its last change
         self.index = 0  # refocuses so far
 
     def refocus(self, wc, store, embed_fn, tail_gists=None):
-        """Score wc (reading entry vectors from store) and apply the scores -> the allocator's Refocus."""
+        """Score wc (reading entry vectors from store) and apply the scores, `rounds` times at most
+        -> the allocator's Refocus of the last round, with the actions and invalid scores of all
+        rounds; self.last_scores holds the first round's scores (those of wc's entries)."""
+        actions, invalid = [], 0
+        for round_index in range(self.rounds):
+            result, scores = self._round(wc, store, embed_fn, tail_gists)
+            if round_index == 0:
+                self.last_scores = scores  # for telemetry: the scores of the entries of the WC passed in
+            actions += list(result.actions)
+            invalid += result.invalid_scores
+            if not result.actions or result.fallback is not None:
+                break
+            wc = result.wc
+        self.index += 1
+        return result._replace(actions=actions, invalid_scores=invalid)
+
+    def _round(self, wc, store, embed_fn, tail_gists):
         nodes = [(e.level, e.index) for e in wc.entries]
         scores = self.lensnet.score_wc(
             wc, store, embed_fn, tail_gists=tail_gists,
             last_scores=np.array([self.last_score.get(v, 0.0) for v in nodes], dtype=np.float32),
             last_change=np.array([self.index - self.last_change.get(v, -1) for v in nodes], dtype=np.float32))
         result = self.allocator.refocus(wc, scores)
-        self.last_scores = np.asarray(scores, dtype=np.float32)  # for telemetry: the scores of wc's entries
         for v, score in zip(nodes, np.nan_to_num(np.asarray(scores, dtype=np.float64))):
             self.last_score[v] = float(score)
         seen = set(nodes)
         for e in result.wc.entries:
             if (e.level, e.index) not in seen:
                 self.last_change[(e.level, e.index)] = self.index
-        self.index += 1
-        return result
+        return result, np.asarray(scores, dtype=np.float32)
 
 
 class MegaContextRuntime:
     """Stream tokens into a tree and decode over its Working Context (see the module docstring)."""
 
     def __init__(self, model, tokenizer, tree, *, budget_tokens, refocus_every=32, lensnet=None, allocator=None,
-                 telemetry=None, reuse_kv=True, lod1_tail=256, planner=None):
+                 telemetry=None, reuse_kv=True, lod1_tail=256, planner=None, refocus_rounds=1):
         if not tree.writable:
             raise ValueError(f"the tree at {tree.directory} is open read-only; the runtime appends to it: open it "
                              f"writable (megacontext.runtime.open_tree)")
@@ -185,7 +207,7 @@ class MegaContextRuntime:
         self.kv = KVCache(batch_size=1, num_heads=c.n_kv_head, seq_len=capacity, head_dim=c.n_embd // c.n_head,
                           num_layers=c.n_layer, device=self.device, dtype=COMPUTE_DTYPE)
         self.tail_cache = TailGistCache(tree, lod1_tail=lod1_tail) if lensnet is not None else None
-        self.focus = Focus(lensnet, allocator) if lensnet is not None else None
+        self.focus = Focus(lensnet, allocator, refocus_rounds) if lensnet is not None else None
         self._refocus_index = 0
         self._pending = []           # generated tokens not yet in the tree (appended at each refocus)
         self._since_refocus = 0      # tokens of history since the last refocus

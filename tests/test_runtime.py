@@ -513,3 +513,31 @@ def test_a_planner_with_a_wrong_width_is_refused(model, gistnet, tmp_path):
     wrong = Planner(MegaPrediction(MegaPredictionConfig(n_embd=32)).init_weights(seed=0), [1])
     with pytest.raises(ValueError, match="heads have n_embd=32 but the model has 64"):
         runtime(model, gistnet, tmp_path / "t", planner=wrong)
+
+
+class NeedleLens:
+    """A stand-in LensNet: +1 for every entry whose span holds token `needle`, 0 elsewhere."""
+
+    def __init__(self, needle):
+        self.needle, self.calls = needle, 0
+
+    def score_wc(self, wc, store, embed_fn, tail_gists=None, last_scores=None, last_change=None):
+        self.calls += 1
+        return np.array([1.0 if e.start <= self.needle < e.end else 0.0 for e in wc.entries], dtype=np.float32)
+
+
+@pytest.mark.parametrize("rounds, level_after, calls", [(1, 1, 1), (2, 0, 2), (5, 0, 3)])
+def test_refocus_rounds_take_a_fact_in_a_lod2_span_down_to_lod0(rounds, level_after, calls):
+    from megacontext.allocator import AllocatorConfig, FocusAllocator
+    from megacontext.runtime import Focus
+    needle = 300  # in block 9 of the first LOD2 span (blocks 0-31)
+    wc = WorkingContext.from_entries([(2, 0)] + [(1, k) for k in range(32, 62)] + [(0, 62), (0, 63)], 2048, 256)
+    lens = NeedleLens(needle)
+    focus = Focus(lens, FocusAllocator(AllocatorConfig(tau_expand=0.0)), rounds=rounds)
+    result = focus.refocus(wc, None, None)
+    holder = next(e for e in result.wc.entries if e.start <= needle < e.end)
+    assert holder.level == level_after and lens.calls == calls  # rounds stop once a round changes nothing
+    assert len(result.actions) == 2 - level_after and result.wc.cost <= 256
+    assert len(focus.last_scores) == len(wc)  # telemetry's scores are those of the WC passed in
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+        Focus(lens, FocusAllocator(), rounds=0)
