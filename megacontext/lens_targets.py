@@ -11,6 +11,9 @@ scored tokens (horizon_mask) reading [BOS] + the WC + the horizon. The candidate
   collapse g  every collapse group g (a whole LOD0 block outside the tail, or B aligned LOD1
               siblings) collapsed
   u(c) = NLL(wc) - NLL(c)  in nats per horizon token (> 0: the change helps)
+  lookahead   optionally, an expanded LOD2 gist also has one LOD1 child expanded (picked by a
+              callable, e.g. LensNet's scores) and its utility is the better of the two (see
+              counterfactual_targets)
 All candidates of all WCs of a micro-batch go through the base model together, packed into
 right-padded batches of `batch_rows` rows (working_context.pack_batch): a few forwards per micro-batch,
 not one per candidate.
@@ -117,6 +120,20 @@ def _bos_of(items):
 # Counterfactual utilities
 
 
+def expand_with_room(wc, i, oldest_lod0=None):
+    """wc with entry i expanded, paired with collapsing its oldest collapsible LOD0 block when the
+    budget is full (one entry for one, so i still names the same entry); None if neither fits."""
+    if wc.can_expand(i):
+        return wc.expand(i)
+    if oldest_lod0 is None:
+        oldest_lod0 = next((j for j, e in enumerate(wc.entries) if e.level == 0 and wc.collapse_group(j)), None)
+    if oldest_lod0 is not None:
+        freed = wc.collapse(oldest_lod0)
+        if freed.can_expand(i):
+            return freed.expand(i)
+    return None
+
+
 def candidates(wc):
     """[(kind, entries (tuple of WC indices), candidate WC)] one action away from wc (module docstring)."""
     out = []
@@ -124,15 +141,17 @@ def candidates(wc):
     for i, e in enumerate(wc.entries):
         if e.level == 0:
             continue
-        if wc.can_expand(i):
-            out.append(("expand", (i,), wc.expand(i)))
-        elif oldest_lod0 is not None:
-            freed = wc.collapse(oldest_lod0)
-            if freed.can_expand(i):
-                out.append(("expand", (i,), freed.expand(i)))
+        expanded = expand_with_room(wc, i, oldest_lod0)
+        if expanded is not None:
+            out.append(("expand", (i,), expanded))
     for first, stop, _ in wc.collapse_groups():
         out.append(("collapse", tuple(range(first, stop)), wc.collapse(first)))
     return out
+
+
+def children_of(parent, wc):
+    """Indices of wc's LOD1 entries inside the span of `parent` (an Entry of another WC)."""
+    return [j for j, e in enumerate(wc.entries) if e.level == parent.level - 1 and parent.start <= e.start < parent.end]
 
 
 def signed_targets(n_entries, actions, utilities):
@@ -148,34 +167,56 @@ def signed_targets(n_entries, actions, utilities):
     return t.astype(np.float32)
 
 
-def counterfactual_targets(model, items, batch_rows=32, max_candidates=None, rng=None):
+def counterfactual_targets(model, items, batch_rows=32, max_candidates=None, rng=None, lookahead=None):
     """items: list of dicts (wc, history, lod1, lod2, horizon (H,), horizon_mask (H,), bos).
     Returns a list of dicts per item: nll (base WC), targets (n,) float32 (NaN = no action or not
-    sampled), actions, utilities (np.ndarray). max_candidates: keep a random subset per WC (rng:
-    numpy Generator), to bound the cost of a step."""
-    wcs, stores, horizons, masks, owners = [], [], [], [], []
-    plans = []
+    sampled), actions, utilities (np.ndarray), lookaheads (how many deep candidates were scored).
+    max_candidates: keep a random subset per WC (rng: numpy Generator), to bound the cost of a step.
+
+    lookahead(candidate_wc, item, children) -> one of `children` (indices of candidate_wc) or None:
+    for every sampled expansion of a LOD2 gist, the LOD1 child it picks is expanded too (paired
+    collapse when full) and the expansion's utility is the better of the two, u = max(u(expand),
+    u(expand + child)). Expanding a LOD2 gist alone only trades one gist for 32 coarser ones, which
+    rarely changes what the base model can read, so without this a LOD2 span holding the fact the
+    horizon needs looks worthless; with it the span is worth what reaching the fact is worth (which
+    a refocus with rounds >= 2 realises: runtime.Focus). JT2 picks with LensNet's own scores."""
+    wcs, stores, horizons, masks = [], [], [], []
+    plans, deep_plans = [], []
     for k, item in enumerate(items):
         actions = candidates(item["wc"])
         if max_candidates is not None and len(actions) > max_candidates:
             rng = rng if rng is not None else np.random.default_rng(0)
             keep = np.sort(rng.choice(len(actions), max_candidates, replace=False))
             actions = [actions[j] for j in keep]
+        deep = []  # (action index, deep candidate WC)
+        if lookahead is not None:
+            for a, (kind, members, cand) in enumerate(actions):
+                parent = item["wc"].entries[members[0]]
+                if kind != "expand" or parent.level != 2:
+                    continue
+                children = children_of(parent, cand)
+                j = lookahead(cand, item, children) if children else None
+                further = expand_with_room(cand, j) if j is not None else None
+                if further is not None:
+                    deep.append((a, further))
         plans.append(actions)
+        deep_plans.append(deep)
         store = item_store(item)
-        for wc in [item["wc"]] + [a[2] for a in actions]:
+        for wc in [item["wc"]] + [a[2] for a in actions] + [d for _, d in deep]:
             wcs.append(wc)
             stores.append(store)
             horizons.append(item["horizon"])
             masks.append(item["horizon_mask"])
-            owners.append(k)
     nll = horizon_nlls(model, wcs, stores, torch.stack(horizons), torch.stack(masks), _bos_of(items), batch_rows).numpy()
     out, cursor = [], 0
-    for item, actions in zip(items, plans):
+    for item, actions, deep in zip(items, plans, deep_plans):
         base_nll = float(nll[cursor])
         utilities = base_nll - nll[cursor + 1:cursor + 1 + len(actions)].astype(np.float64)
         cursor += 1 + len(actions)
-        out.append(dict(nll=base_nll, actions=actions, utilities=utilities,
+        for a, _ in deep:
+            utilities[a] = max(utilities[a], base_nll - float(nll[cursor]))
+            cursor += 1
+        out.append(dict(nll=base_nll, actions=actions, utilities=utilities, lookaheads=len(deep),
                         targets=signed_targets(len(item["wc"]), actions, utilities)))
     return out
 

@@ -42,6 +42,12 @@ The `lensnet:` section of the run config (DEFAULTS below lists every key):
   target, attention_steps      counterfactual | attention | mixed (see step 4)
   budget_tokens, history_tokens, min_history, answer_tokens, horizon, long_documents, wcs_per_row,
   max_candidates, batch_rows, lod1_tail
+  lookahead                    true: an expanded LOD2 gist is also scored with the child LensNet now
+                               scores highest expanded (lens_targets.counterfactual_targets)
+  row_tokens, mixture, data_seed  rows longer than the base model's sequence (e.g. 2081 for 2048-token
+                               histories, whose WCs hold LOD2 gists): the variant reads its own long-document
+                               rows (window_loader.LongDocSource with this mixture and seed) instead of the
+                               run's data source; counterfactual targets only (their forwards read WCs)
   target_scale, attention_scale   score units per nat of utility / per unit of attention log-share
   ranking_temperature, w_regression, w_ranking, w_budget   the losses' knobs
   eval_every, eval_rows, eval_mixture, run_name
@@ -78,7 +84,8 @@ DEFAULTS = dict(
     base_model_tag=None, base_step=None, gistnet=None, lensnet={}, seed=0, lr=3e-3, weight_decay=0.0,
     target="counterfactual", attention_steps=50,
     budget_tokens=128, history_tokens=1024, min_history=160, answer_tokens=6, horizon=32, long_documents=True,
-    wcs_per_row=2, max_candidates=None, batch_rows=32, lod1_tail=256,
+    wcs_per_row=2, max_candidates=None, batch_rows=32, lod1_tail=256, lookahead=False,
+    row_tokens=None, mixture=None, data_seed=2,
     target_scale=10.0, attention_scale=1.0, ranking_temperature=1.0, w_regression=1.0, w_ranking=1.0, w_budget=0.1,
     eval_every=0, eval_rows=8, eval_mixture={"natural": 0.5, "passkey": 0.25, "assoc": 0.25},
     run_name=None,
@@ -100,6 +107,11 @@ class LensNetVariant:
                              f"min_history={cfg['min_history']}, history_tokens={cfg['history_tokens']}")
         if cfg["wcs_per_row"] < 1 or cfg["horizon"] < 1:
             raise ValueError("lensnet.wcs_per_row and lensnet.horizon must be >= 1")
+        if cfg["row_tokens"] is not None:
+            if cfg["target"] != "counterfactual":
+                raise ValueError("lensnet.row_tokens (rows longer than the base model's sequence) needs target: "
+                                 "counterfactual; the attention target reads whole histories at full context")
+            self.train_loader = self._own_rows  # the trainer's hook: these rows replace its stream
         self.step = 0
         self.micro = 0
         self.model = self.gistnet = self.lensnet = self.telemetry = None
@@ -114,11 +126,15 @@ class LensNetVariant:
         already) and the GistNet, create LensNet; return its group."""
         from megacontext.ingest import load_gister
         cfg = self.config
-        room = model.config.sequence_len + 1 - (1 if cfg["long_documents"] else 0)
+        rows = cfg["row_tokens"] or model.config.sequence_len + 1
+        room = rows - (1 if cfg["long_documents"] else 0)
         if cfg["history_tokens"] + cfg["horizon"] > room:
             raise ValueError(f"lensnet history_tokens + horizon = {cfg['history_tokens'] + cfg['horizon']} exceeds "
-                             f"the {room} tokens a row holds (max_seq_len {model.config.sequence_len}); lower "
-                             f"lensnet.history_tokens or lensnet.horizon")
+                             f"the {room} tokens a row holds ({'row_tokens ' + str(rows) if cfg['row_tokens'] else 'max_seq_len ' + str(model.config.sequence_len)}); "
+                             f"lower lensnet.history_tokens or lensnet.horizon, or set lensnet.row_tokens")
+        if 1 + cfg["budget_tokens"] + cfg["horizon"] - 1 > model.config.sequence_len:
+            raise ValueError(f"lensnet budget_tokens + horizon = {cfg['budget_tokens'] + cfg['horizon']} exceeds the "
+                             f"base model's max_seq_len {model.config.sequence_len}: its WC rows would not fit")
         if not cfg["gistnet"]:
             raise ValueError("lensnet.gistnet is required: the JT1 GistNet whose gists LensNet scores (a model tag "
                              "such as longctx_cpu_gistnet, or a path to its mc_XXXXXX.pt)")
@@ -157,7 +173,8 @@ class LensNetVariant:
             targets = self._attention_targets(items)
             base_nll = []
         else:
-            results = counterfactual_targets(self.model, items, cfg["batch_rows"], cfg["max_candidates"], rng)
+            results = counterfactual_targets(self.model, items, cfg["batch_rows"], cfg["max_candidates"], rng,
+                                             lookahead=self._pick_child if cfg["lookahead"] else None)
             targets = [r["targets"] for r in results]
             base_nll = [r["nll"] for r in results]
         t_targets = time.time() - t0
@@ -176,6 +193,7 @@ class LensNetVariant:
                        target_pos_share=float((finite > 0).mean()) if finite.size else float("nan"))
         if base_nll:
             metrics["wc_nll"] = float(np.nanmean(base_nll))
+            metrics["lookaheads"] = int(sum(r["lookaheads"] for r in results))
         self.last_metrics = metrics
         return loss, metrics
 
@@ -242,6 +260,21 @@ class LensNetVariant:
                                   bos=bos, tail=tail))
         return items
 
+    def _own_rows(self, tokenizer, B, T, device, resume_state_dict=None):
+        """With row_tokens: (x, y, state) rows of row_tokens long documents (BOS first; the run's
+        max_seq_len T stays the base model's, which reads only WCs of 1 + W + H - 1 positions)."""
+        from megacontext.window_loader import LongDocSource
+        cfg = self.config
+        source = LongDocSource({"source": "longdocs", "seed": cfg["data_seed"], "mixture": cfg["mixture"]})
+        return source.train_loader(tokenizer, B, cfg["row_tokens"] - 1, device, resume_state_dict)
+
+    @torch.no_grad()
+    def _pick_child(self, wc, item, children):
+        """The lookahead's choice (lens_targets.counterfactual_targets): the child of an expanded LOD2
+        gist that the current LensNet scores highest, as the next refocus round would expand it."""
+        scores = lens_scores(self.lensnet, [dict(item, wc=wc)], lambda ids: token_embeddings(self.model, ids))[0]
+        return children[int(torch.argmax(scores[children]))]
+
     def _scores(self, items):
         """LensNet's raw scores of every item's WC, in one padded batch (with gradients)."""
         return lens_scores(self.lensnet, items, lambda ids: token_embeddings(self.model, ids))
@@ -307,7 +340,7 @@ class LensNetVariant:
         cfg = self.config
         tokenizer = get_tokenizer()
         device = self.model.get_device()
-        T = self.model.config.sequence_len
+        T = (cfg["row_tokens"] - 1) if cfg["row_tokens"] else self.model.config.sequence_len  # rows like training's
         if cfg["long_documents"]:
             from megacontext.window_loader import LongDocSource
             loader = LongDocSource({"source": "longdocs", "mixture": cfg["eval_mixture"]}).val_loader(

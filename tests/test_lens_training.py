@@ -117,6 +117,41 @@ def test_batched_counterfactual_utilities_equal_one_candidate_at_a_time():
         assert np.isfinite(t[has_action]).all() and np.isnan(t[~has_action]).all()
 
 
+def test_lookahead_scores_an_expanded_lod2_gist_with_its_picked_child_expanded_too():
+    from megacontext.lens_targets import expand_with_room
+    model = tiny_gpt(2)
+    g = torch.Generator().manual_seed(2)
+    gistnet = GistNet(GistNetConfig(n_embd=D, n_layer=1, n_head=2)).init_weights(seed=0).eval()
+    n = 1100  # 34 whole blocks and a partial one: blocks 0-31 form one LOD2 span
+    history = torch.randint(0, 128, (n,), generator=g)
+    with torch.no_grad():
+        lod1 = gistnet(token_embeddings(model, history[:34 * 32].view(-1, 32)), 1).float()
+        lod2 = gistnet(lod1[None, :32], 2).float()
+    wc = WorkingContext.from_entries([(2, 0), (1, 32), (0, 33), (0, 34)], n, 112)
+    item = dict(wc=wc, history=history, lod1=lod1, lod2=lod2, horizon=torch.randint(0, 128, (16,), generator=g),
+                horizon_mask=torch.ones(16, dtype=torch.bool), bos=1)
+    seen = []
+
+    def pick(cand, it, children):
+        seen.append(children)
+        assert all(cand.entries[j].level == 1 and cand.entries[j].end <= 1024 for j in children)
+        return children[9]
+
+    plain = counterfactual_targets(model, [item])[0]
+    deep = counterfactual_targets(model, [item], lookahead=pick)[0]
+    assert len(seen) == 1 and len(seen[0]) == 32 and deep["lookaheads"] == 1 and plain["lookaheads"] == 0
+    one = lambda w: horizon_nlls(model, [w], [item_store(item)], item["horizon"][None], item["horizon_mask"][None],
+                                 1, batch_rows=1).item()
+    a = next(k for k, (kind, members, _) in enumerate(plain["actions"]) if kind == "expand" and members == (0,))
+    expanded = plain["actions"][a][2]
+    further = expand_with_room(expanded, seen[0][9])  # 46 -> 77 -> 108 slots of 112
+    assert further is not None and further.cost == 108 and further.entries[seen[0][9]].level == 0
+    want = max(plain["nll"] - one(expanded), plain["nll"] - one(further))
+    assert deep["utilities"][a] == pytest.approx(want, abs=1e-5)
+    others = [k for k in range(len(plain["actions"])) if k != a]
+    assert np.allclose(deep["utilities"][others], plain["utilities"][others], atol=1e-6)
+
+
 def test_max_candidates_keeps_a_random_subset():
     model = tiny_gpt()
     items = make_items(model, n_items=1)
@@ -301,6 +336,20 @@ def test_jt2_trains_every_lensnet_parameter_and_keeps_base_and_gistnet_frozen(jt
     assert [x["step"] for x in records] == list(range(6))
     assert all(np.isfinite(x["loss_regression"]) and x["n_wcs"] == 4 for x in records)
     assert "val_focus_gain" in records[2] and "val_loss_ranking" in records[5]
+
+
+@pytest.mark.slow  # tokenizes the offline long-document corpus (about a minute)
+def test_jt2_with_lookahead_trains_on_histories_with_lod2_spans(jt2_base, tmp_path):
+    from megacontext.telemetry import read_jsonl
+    # rows of 1 + 1088 + 32 tokens, longer than the base's max_seq_len 160, from the variant's own loader
+    r = run_jt2(jt2_base, tmp_path, "--num_iterations=2", "--lensnet.row_tokens=1121", "--lensnet.long_documents=true",
+                "--lensnet.history_tokens=1088", "--lensnet.min_history=1088", "--lensnet.lookahead=true",
+                "--lensnet.budget_tokens=128",
+                "--lensnet.eval_every=0", "--lensnet.mixture={natural: 1.0}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    records = [x for x in read_jsonl(glob.glob(str(tmp_path / "artifacts" / "run_logs" / "jt2*.jsonl"))[0])
+               if "step" in x]
+    assert len(records) == 2 and sum(x["lookaheads"] for x in records) > 0  # LOD2 expansions were looked past
 
 
 @pytest.mark.slow
