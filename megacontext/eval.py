@@ -14,7 +14,8 @@ same budget W (`budget_tokens`, token-equivalents: a LOD0 token costs 1, a gist 
                   older blocks as mean-pooled gists (GistNet head "mean")
     gist_uniform  the same layout with the trained GistNet's gists (needs `gistnet`)
     oracle        gist_uniform's WC improved greedily: each round tries expanding every gist
-                  (collapsing the oldest non-tail LOD0 block when the budget is full) and keeps
+                  (collapsing the oldest non-tail LOD0 block when the budget is full; a LOD2
+                  gist also with each of its LOD1 children expanded in the same round) and keeps
                   the one that lowers the horizon NLL most, while one does. An upper bound for
                   any focus policy over these gists; costly, so it runs on a stated subset.
     megacontext   LensNet + the Focus Allocator (needs `gistnet` and `lensnet`), run the way the
@@ -503,9 +504,20 @@ class Harness:
         return result
 
     def _candidates(self, wc):
-        """Every WC one expansion away (collapsing the oldest non-tail LOD0 block when needed)."""
-        from megacontext.lens_targets import candidates
-        return [c for kind, _, c in candidates(wc) if kind == "expand"]
+        """Every WC one expansion away (collapsing the oldest non-tail LOD0 block when needed), and
+        for each expanded LOD2 gist every WC with one of its LOD1 children expanded too: a LOD2 ->
+        LOD1 step alone rarely lowers the NLL, so a greedy search without it never reaches a fact
+        inside a LOD2 span (a focus policy gets there in two refocus rounds)."""
+        from megacontext.lens_targets import candidates, children_of, expand_with_room
+        out = []
+        for kind, members, c in candidates(wc):
+            if kind != "expand":
+                continue
+            out.append(c)
+            parent = wc.entries[members[0]]
+            if parent.level == 2:
+                out += [d for d in (expand_with_room(c, j) for j in children_of(parent, c)) if d is not None]
+        return out
 
     def _oracle(self, histories, horizons):
         gists = self._gists(histories, self.gistnet)

@@ -111,6 +111,17 @@ def test_oracle_is_never_worse_than_the_wc_it_starts_from(setup):
     assert any(o != u for o, u in zip(oracle["wcs"], uniform["wcs"])), "the oracle never moved"
 
 
+def test_oracle_candidates_reach_into_a_lod2_span_in_one_round(setup):
+    from megacontext.working_context import WorkingContext
+    model, tok, g, _, _ = setup
+    harness = mceval.Harness(model, tok, dict(SMALL, budget_tokens=128), g)
+    wc = WorkingContext.from_entries([(2, 0), (1, 32), (0, 33), (0, 34)], 1100, 128)
+    cands = harness._candidates(wc)
+    deep = [c for c in cands if any(e.level == 0 and e.end <= 1024 for e in c.entries)]
+    assert len(deep) == 32  # one per LOD1 child of the expanded LOD2 gist, each with that child at LOD0
+    assert all(c.cost <= 128 for c in cands) and len(cands) == 2 + 32  # + the LOD2 and LOD1 expansions
+
+
 def test_same_seed_same_report(setup, report):
     again = run(setup)
     assert json.dumps(strip_timing(again), sort_keys=True) == json.dumps(strip_timing(report), sort_keys=True)
