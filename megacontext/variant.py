@@ -25,9 +25,11 @@ JT1, step by step (each micro-batch is a (B, T) row of the usual pretraining loa
      reaching GistNet through the frozen base model. Only the horizon tokens the trainer
      supervises are scored: all of a natural row's; of a synthetic row (data: synthetic_history
      = 1 + context_tokens puts its question at the end of the context) only the answer, the
-     tokens that need the distant context. On natural text alone the testbed's base model
-     barely reads past its last block (NLL gap ~0.005 nats), the gradient carries almost no
-     signal, and the gists drifted to one vector (neighbouring cosine 0.9999997).
+     tokens that need the distant context. With pooling_weight > 0 the warm-up's target stays
+     in the loss, weighted: ΔNLL alone, on a frozen base that gains little from any gist,
+     drives every gist to one least-harmful vector (on the testbed's test documents the
+     neighbouring-gist cosine went to 0.999 on natural rows and to 1.0000000 with the
+     answer rows), and then LensNet cannot tell one block from another (docs/benchmarks.md).
 
 The `megacontext:` section of the run config:
   base_model_tag / base_step   the base checkpoint to start from (base_checkpoints/<tag>; required)
@@ -35,6 +37,7 @@ The `megacontext:` section of the run config:
   seed                         GistNet init seed (default 0)
   lr, weight_decay             AdamW for GistNet (scaled by nanochat's LR schedule like every group)
   pooling_mse_steps            length of the warm-up phase (default 20)
+  pooling_weight               alpha: after the warm-up, loss = ΔNLL + alpha * pooling_mse (default 0)
   context_tokens, horizon      the JT1 window (context a multiple of 32; their sum <= max_seq_len)
   long_documents               the rows are BOS + one long document (see step 1; default false)
   eval_every, eval_batches     held-out ΔNLL@H every N steps on this many val batches (0 = off)
@@ -59,7 +62,7 @@ from megacontext.tree import BLOCK_SIZE
 
 DEFAULTS = dict(
     base_model_tag=None, base_step=None, gistnet={}, seed=0, lr=3e-3, weight_decay=0.0,
-    pooling_mse_steps=20, context_tokens=224, horizon=32, long_documents=False, eval_every=0, eval_batches=2,
+    pooling_mse_steps=20, pooling_weight=0.0, context_tokens=224, horizon=32, long_documents=False, eval_every=0, eval_batches=2,
     run_name=None,
 )
 POOLING_AT_TARGET = 1e-8  # pooling_mse below this: the head already is the mean pool
@@ -149,15 +152,7 @@ class MegaContextVariant:
         cfg = self.config
         windows, horizon_mask, bos = self._windows(*batch)
         if step < cfg["pooling_mse_steps"]:
-            blocks = windows[:, :cfg["context_tokens"]].reshape(-1, BLOCK_SIZE)
-            with torch.no_grad():
-                inputs = token_embeddings(self.model, blocks)
-            lod1 = self.gistnet(inputs, 1)
-            loss = pooling_mse_loss(lod1, inputs)
-            if 2 in self.levels:  # LOD2 inputs: each row's LOD1 gists, 32 at a time
-                spans = lod1.detach().view(windows.size(0), -1, lod1.size(-1))
-                spans = spans[:, :spans.size(1) // BLOCK_SIZE * BLOCK_SIZE].reshape(-1, BLOCK_SIZE, lod1.size(-1))
-                loss = loss + pooling_mse_loss(self.gistnet(spans, 2), spans)
+            loss = self._pooling_loss(windows)
             if loss.item() < POOLING_AT_TARGET:
                 loss = loss * 0.0  # at the target already: an exact zero gradient leaves the head where it is
             return loss, {"phase": "pooling_mse"}
@@ -167,7 +162,26 @@ class MegaContextVariant:
             return zero, {"phase": "delta_nll", "rows_unscored": len(windows)}
         loss = delta_nll_loss(self.model, self.gistnet, windows[scored], context_tokens=cfg["context_tokens"],
                               level=self.levels, bos=bos, horizon_mask=horizon_mask[scored])
-        return loss, {"phase": "delta_nll", "rows_unscored": int((~scored).sum())}
+        metrics = {"phase": "delta_nll", "rows_unscored": int((~scored).sum())}
+        if cfg["pooling_weight"] > 0:  # keeps the gists apart (see step 3): the warm-up's target, weighted
+            pooling = self._pooling_loss(windows)
+            loss = loss + cfg["pooling_weight"] * pooling
+            metrics["pooling_mse"] = float(pooling.detach())
+        return loss, metrics
+
+    def _pooling_loss(self, windows):
+        """pooling_mse of the windows' context blocks (LOD1) and, when LOD2 trains, of each row's
+        whole 32-gist spans against the mean of their (detached) LOD1 gists."""
+        blocks = windows[:, :self.config["context_tokens"]].reshape(-1, BLOCK_SIZE)
+        with torch.no_grad():
+            inputs = token_embeddings(self.model, blocks)
+        lod1 = self.gistnet(inputs, 1)
+        loss = pooling_mse_loss(lod1, inputs)
+        if 2 in self.levels:  # LOD2 inputs: each row's LOD1 gists, 32 at a time
+            spans = lod1.detach().view(windows.size(0), -1, lod1.size(-1))
+            spans = spans[:, :spans.size(1) // BLOCK_SIZE * BLOCK_SIZE].reshape(-1, BLOCK_SIZE, lod1.size(-1))
+            loss = loss + pooling_mse_loss(self.gistnet(spans, 2), spans)
+        return loss
 
     def on_step(self, step, metrics):
         cfg = self.config

@@ -194,3 +194,34 @@ def test_jt1_scores_the_horizon_tokens_the_rows_supervise():
     variant.gistnet = GistNet(GistNetConfig(n_embd=16, n_layer=1, n_head=2)).init_weights(seed=0)
     loss, metrics = variant.loss(None, (x[2:], y[2:]), step=5)
     assert loss.item() == 0.0 and loss.requires_grad and metrics["rows_unscored"] == 1
+
+
+def test_jt1_pooling_weight_adds_the_weighted_pooling_mse_to_the_delta_nll():
+    # pooling_weight keeps the warm-up's target in the ΔNLL phase: loss(alpha) - loss(0) = alpha * pooling_mse
+    from nanochat.gpt import GPT, GPTConfig
+    from megacontext.variant import MegaContextVariant
+    C, H = 64, 8
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=C + H, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32,
+                          window_pattern="L"))
+    model.init_weights()
+    with torch.no_grad():  # nanochat zero-inits the output projections: give every weight some signal
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    losses = {}
+    for alpha in (0.0, 0.5):
+        variant = MegaContextVariant({"base_model_tag": "x", "context_tokens": C, "horizon": H,
+                                      "pooling_mse_steps": 0, "pooling_weight": alpha,
+                                      "gistnet": {"n_layer": 1, "n_head": 2}})
+        variant.build(model, {"model_tag": "jt1_pooling"}, resuming=True)
+        with torch.no_grad():  # off the mean pool (where the attention head starts), so pooling_mse > 0
+            g = torch.Generator().manual_seed(1)
+            for p in variant.gistnet.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        rows = torch.randint(0, 64, (2, C + H + 1), generator=torch.Generator().manual_seed(2))
+        losses[alpha] = variant.loss(None, (rows[:, :-1], rows[:, 1:]), step=3)
+    (plain, plain_metrics), (weighted, metrics) = losses[0.0], losses[0.5]
+    assert "pooling_mse" not in plain_metrics and metrics["pooling_mse"] > 1e-3
+    assert torch.isclose(weighted - plain, torch.tensor(0.5 * metrics["pooling_mse"]), rtol=1e-4, atol=1e-6)
+    weighted.backward()
+    assert all(p.grad is not None for p in variant.gistnet.parameters() if p.requires_grad)
