@@ -103,18 +103,24 @@ def lod2_span_starts(first_token, n_blocks):
     return starts
 
 
-def context_gists(model, gistnet, contexts, first_token=0, lod2=True):
+def context_gists(model, gistnet, contexts, first_token=0, lod2=True, lod1=None):
     """GistNet's gists of every block except the last of each context -> (lod1, lod2):
     lod1 (B, C/32 - 1, D), one per block; lod2 (B, S, D), one per whole 1024-token span
     among those blocks (lod2_span_starts; S may be 0), or None with lod2=False.
 
     contexts (B, C) token ids, C a multiple of 32; first_token: position of contexts[:, 0]
-    in its document (a multiple of 32), which fixes where the LOD2 spans fall."""
+    in its document (a multiple of 32), which fixes where the LOD2 spans fall. A caller that
+    has the LOD1 gists already (JT1 shares them with its pooling loss) passes them as lod1,
+    (B, C/32 - 1, D), and only the LOD2 gists are computed."""
     B, C = contexts.shape
     n_old = C // BLOCK_SIZE - 1
     D = gistnet.config.n_embd
-    blocks = contexts[:, :n_old * BLOCK_SIZE].reshape(B * n_old, BLOCK_SIZE)
-    lod1 = gistnet(token_embeddings(model, blocks), 1).view(B, n_old, D)
+    if lod1 is None:
+        blocks = contexts[:, :n_old * BLOCK_SIZE].reshape(B * n_old, BLOCK_SIZE)
+        lod1 = gistnet(token_embeddings(model, blocks), 1).view(B, n_old, D)
+    elif tuple(lod1.shape) != (B, n_old, D):
+        raise ValueError(f"lod1 must be the (B, C/32 - 1, D) = {(B, n_old, D)} gists of the contexts' blocks "
+                         f"but the last, got {tuple(lod1.shape)}")
     if not lod2:
         return lod1, None
     starts = lod2_span_starts(first_token, n_old)
@@ -174,8 +180,9 @@ def _summarize(nll_full, nll_lod1, nll_lod2, nll_drop):
     out = dict(nll_full=nll_full, nll_lod1=nll_lod1, nll_lod2=nll_lod2, nll_drop=nll_drop,
                delta_lod1=nll_lod1 - nll_full, delta_lod2=nll_lod2 - nll_full, delta_drop=delta_drop)
     for lod in (1, 2):
-        # undefined when dropping the old blocks costs nothing
-        out[f"recovered_lod{lod}"] = 1.0 - out[f"delta_lod{lod}"] / delta_drop if delta_drop != 0 else float("nan")
+        # n/a (NaN) when dropping the old blocks costs nothing or even helps (DESIGN.md section 6):
+        # a ratio over a zero or negative denominator would print as a "recovered" share that means nothing
+        out[f"recovered_lod{lod}"] = 1.0 - out[f"delta_lod{lod}"] / delta_drop if delta_drop > 0 else float("nan")
     return out
 
 
@@ -261,7 +268,7 @@ def pooling_mse_loss(gists, inputs):
 
 
 def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, level=1, first_token=0, bos=None,
-                   horizon_mask=None):
+                   horizon_mask=None, lod1=None):
     """Mean ΔNLL of a batch of windows with LOD-`level` gists, differentiable w.r.t. GistNet.
 
     windows (B, C + H): context then horizon, block-aligned (first_token = position of
@@ -273,7 +280,8 @@ def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, leve
     The base model is kept frozen: it receives no gradients (see frozen()). With bos=<id>
     every row starts with that token (windows then hold no BOS of their own). horizon_mask
     (B, H) bool scores only those horizon tokens (a synthetic row's answer); each window
-    counts once in the mean, however many tokens it scores."""
+    counts once in the mean, however many tokens it scores. lod1: the windows' LOD1 gists when the
+    caller computed them already (context_gists), so GistNet's LOD1 forward is not run twice."""
     levels = (level,) if isinstance(level, int) else tuple(level)
     if not levels or any(lv not in (1, 2) for lv in levels):
         raise ValueError(f"level must be 1 or 2 (or a tuple of them), got {level!r}")
@@ -290,7 +298,7 @@ def delta_nll_loss(model, gistnet, windows, context_tokens=DEFAULT_CONTEXT, leve
     B = len(windows)
     layouts = delta_nll_layouts(first_token + context_tokens, context_tokens)
     with frozen(model):
-        lod1, lod2 = context_gists(model, gistnet, contexts, first_token, lod2=2 in levels)
+        lod1, lod2 = context_gists(model, gistnet, contexts, first_token, lod2=2 in levels, lod1=lod1)
         stores = [context_store(contexts[b], lod1[b], None if lod2 is None else lod2[b], first_token)
                   for b in range(B)]
         wcs = [layouts[f"lod{lv}"] for lv in levels for _ in range(B)]

@@ -201,7 +201,9 @@ class Telemetry:
     def log(self, record, step=None):
         if not self.enabled:
             return
-        record = dict(record)
+        # NaN/inf (e.g. a recovered share whose drop is <= 0) become null: the file stays strict JSON,
+        # which the viewer's JSON.parse needs, and "no value" is what they mean
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         record.setdefault("time", time.time())
         if step is not None:
             record["step"] = step

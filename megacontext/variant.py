@@ -14,8 +14,9 @@ JT1, step by step (each micro-batch is a (B, T) row of the usual pretraining loa
      from the run config's `data: {source: longdocs}`, each BOS + one document) the window is
      what follows the BOS, and every row the base model reads starts with that BOS, as in
      the base model's own training
-  2. phase `pooling_mse` (the first pooling_mse_steps steps): each context block's gist is
-     pulled towards the mean of its 32 token embeddings (a warm-up target). The attention and
+  2. phase `pooling_mse` (the first pooling_mse_steps steps): the gist of each context block
+     but the last (those step 3 reads as gists) is pulled towards the mean of its 32 token
+     embeddings (a warm-up target). The attention and
      mean_linear heads are initialised to exactly that mean; where a head is already at the
      target (loss < POOLING_AT_TARGET) the step gets an exact zero gradient, because Adam would
      otherwise turn float noise of ~1e-12 into full-size steps (measured: the loss rose to ~0.1)
@@ -30,6 +31,7 @@ JT1, step by step (each micro-batch is a (B, T) row of the usual pretraining loa
      drives every gist to one least-harmful vector (on the testbed's test documents the
      neighbouring-gist cosine went to 0.999 on natural rows and to 1.0000000 with the
      answer rows), and then LensNet cannot tell one block from another (docs/benchmarks.md).
+     Both terms read the same LOD1 gists, so GistNet's LOD1 forward runs once per micro-batch.
 
 The `megacontext:` section of the run config:
   base_model_tag / base_step   the base checkpoint to start from (base_checkpoints/<tag>; required)
@@ -48,6 +50,7 @@ upstream's files), the JT1 losses and telemetry. It never changes the base model
 nanochat's defaults; a vanilla run never touches this file.
 """
 
+import math
 import os
 from dataclasses import asdict
 
@@ -152,7 +155,7 @@ class MegaContextVariant:
         cfg = self.config
         windows, horizon_mask, bos = self._windows(*batch)
         if step < cfg["pooling_mse_steps"]:
-            loss = self._pooling_loss(windows)
+            loss = self._pooling_loss(*self._lod1(windows))
             if loss.item() < POOLING_AT_TARGET:
                 loss = loss * 0.0  # at the target already: an exact zero gradient leaves the head where it is
             return loss, {"phase": "pooling_mse"}
@@ -160,26 +163,34 @@ class MegaContextVariant:
         if not bool(scored.any()):  # no row scores a horizon token (synthetic rows whose answer lies elsewhere)
             zero = sum(p.sum() for p in self.gistnet.parameters() if p.requires_grad) * 0.0  # a graph, no push
             return zero, {"phase": "delta_nll", "rows_unscored": len(windows)}
-        loss = delta_nll_loss(self.model, self.gistnet, windows[scored], context_tokens=cfg["context_tokens"],
-                              level=self.levels, bos=bos, horizon_mask=horizon_mask[scored])
         metrics = {"phase": "delta_nll", "rows_unscored": int((~scored).sum())}
+        lod1 = None
         if cfg["pooling_weight"] > 0:  # keeps the gists apart (see step 3): the warm-up's target, weighted
-            pooling = self._pooling_loss(windows)
-            loss = loss + cfg["pooling_weight"] * pooling
+            lod1, inputs = self._lod1(windows)  # the ΔNLL reads these same gists: GistNet runs once per step
+            pooling = self._pooling_loss(lod1, inputs)
             metrics["pooling_mse"] = float(pooling.detach())
+            lod1 = lod1[scored]
+        loss = delta_nll_loss(self.model, self.gistnet, windows[scored], context_tokens=cfg["context_tokens"],
+                              level=self.levels, bos=bos, horizon_mask=horizon_mask[scored], lod1=lod1)
+        if cfg["pooling_weight"] > 0:
+            loss = loss + cfg["pooling_weight"] * pooling
         return loss, metrics
 
-    def _pooling_loss(self, windows):
-        """pooling_mse of the windows' context blocks (LOD1) and, when LOD2 trains, of each row's
-        whole 32-gist spans against the mean of their (detached) LOD1 gists."""
-        blocks = windows[:, :self.config["context_tokens"]].reshape(-1, BLOCK_SIZE)
+    def _lod1(self, windows):
+        """(LOD1 gists (B, n, D), their blocks' token embeddings (B * n, 32, D)) of the windows'
+        context blocks but the last: the n = context_tokens / 32 - 1 blocks the ΔNLL reads as gists."""
+        n = self.config["context_tokens"] // BLOCK_SIZE - 1
+        blocks = windows[:, :n * BLOCK_SIZE].reshape(-1, BLOCK_SIZE)
         with torch.no_grad():
             inputs = token_embeddings(self.model, blocks)
-        lod1 = self.gistnet(inputs, 1)
-        loss = pooling_mse_loss(lod1, inputs)
+        return self.gistnet(inputs, 1).view(windows.size(0), n, -1), inputs
+
+    def _pooling_loss(self, lod1, inputs):
+        """pooling_mse of LOD1 gists (B, n, D) against the mean of their blocks' embeddings and, when
+        LOD2 trains, of each row's whole 32-gist spans against the mean of their (detached) LOD1 gists."""
+        loss = pooling_mse_loss(lod1.reshape(-1, lod1.size(-1)), inputs)
         if 2 in self.levels:  # LOD2 inputs: each row's LOD1 gists, 32 at a time
-            spans = lod1.detach().view(windows.size(0), -1, lod1.size(-1))
-            spans = spans[:, :spans.size(1) // BLOCK_SIZE * BLOCK_SIZE].reshape(-1, BLOCK_SIZE, lod1.size(-1))
+            spans = lod1.detach()[:, :lod1.size(1) // BLOCK_SIZE * BLOCK_SIZE].reshape(-1, BLOCK_SIZE, lod1.size(-1))
             loss = loss + pooling_mse_loss(self.gistnet(spans, 2), spans)
         return loss
 
@@ -189,8 +200,10 @@ class MegaContextVariant:
         record = {"phase": phase, **metrics}
         if cfg["eval_every"] > 0 and (step + 1) % cfg["eval_every"] == 0:
             record.update({f"val_{k}": v for k, v in self.evaluate().items()})
+            recovered = record["val_recovered_lod1"]
+            recovered = "n/a: drop <= 0" if math.isnan(recovered) else f"{recovered:.3f}"
             print0(f"step {step:05d} | JT1 val ΔNLL@H lod1: {record['val_delta_lod1']:.4f} "
-                   f"(drop {record['val_delta_drop']:.4f}, recovered {record['val_recovered_lod1']:.3f})")
+                   f"(drop {record['val_delta_drop']:.4f}, recovered {recovered})")
         self.telemetry.log(record, step=step)
         self.step = step + 1
 

@@ -41,6 +41,7 @@ step: the cost of one end-to-end MegaContext training step (megacontext/end_to_e
 """
 
 import os
+import math
 import sys
 import time
 import argparse
@@ -172,7 +173,7 @@ def bench_delta_nll(args, model, tokenizer, device):
         print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
     lines = "\n".join(
         f"| {name} | {r['nll_full']:.4f} | {r['nll_drop']:.4f} | {r['delta_drop']:.4f} | {r['delta_lod1']:.4f} | "
-        f"{r['recovered_lod1']:.3f} | {r['delta_lod2']:.4f} | {r['n_positions']} |" for name, r in rows)
+        f"{'n/a' if math.isnan(r['recovered_lod1']) else format(r['recovered_lod1'], '.3f')} | {r['delta_lod2']:.4f} | {r['n_positions']} |" for name, r in rows)
     section = header("MegaContext ΔNLL@H") + f"""
 Base model `{args.model_tag}`, context C = {args.context_tokens} tokens, horizon H = {args.horizon}, held-out windows
 of the val split (one position per window). Units: nats/token. ΔNLL@H(L) = NLL_L − NLL_full;

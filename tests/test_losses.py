@@ -4,6 +4,7 @@ cross-entropy, ΔNLL@H's four NLLs equal hand-built working contexts (LOD1 gists
 follow DESIGN.md section 6, evaluate_delta_nll averages positions, and the training losses
 are differentiable into GistNet only. A slow test trains GistNets on the fixture model."""
 import json
+import math
 
 import pytest
 import torch
@@ -137,8 +138,26 @@ def test_delta_nll_matches_hand_built_working_contexts(model, gistnet, document)
     # the definitions of section 6
     assert result["delta_lod1"] == pytest.approx(result["nll_lod1"] - result["nll_full"], abs=1e-12)
     assert result["delta_drop"] == pytest.approx(result["nll_drop"] - result["nll_full"], abs=1e-12)
-    assert result["recovered_lod1"] == pytest.approx(1 - result["delta_lod1"] / result["delta_drop"], abs=1e-9)
+    assert_recovered(result)
     assert len({result["nll_full"], result["nll_lod1"], result["nll_drop"]}) == 3
+
+
+def assert_recovered(result):
+    """recovered = 1 - ΔNLL / ΔNLL_drop where the drop costs something, n/a (NaN) where it does not."""
+    for lod in (1, 2):
+        if result["delta_drop"] > 0:
+            assert result[f"recovered_lod{lod}"] == pytest.approx(1 - result[f"delta_lod{lod}"] / result["delta_drop"], abs=1e-9)
+        else:
+            assert math.isnan(result[f"recovered_lod{lod}"])
+
+
+def test_recovered_is_nan_when_dropping_the_old_context_costs_nothing_or_helps():
+    for drop, want in ((0.2, 0.75), (0.0, None), (-0.1, None)):
+        out = losses._summarize(2.0, 2.05, 2.1, 2.0 + drop)
+        if want is None:
+            assert math.isnan(out["recovered_lod1"]) and math.isnan(out["recovered_lod2"])
+        else:
+            assert out["recovered_lod1"] == pytest.approx(want) and out["recovered_lod2"] == pytest.approx(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +202,7 @@ def test_evaluate_delta_nll_averages_positions(model, gistnet, document):
     for key in ("nll_full", "nll_lod1", "nll_lod2", "nll_drop"):
         assert result[key] == pytest.approx(sum(s[key] for s in singles) / 4, abs=1e-9)
     assert result["delta_lod1"] == pytest.approx(result["nll_lod1"] - result["nll_full"], abs=1e-9)
-    assert result["recovered_lod1"] == pytest.approx(1 - result["delta_lod1"] / result["delta_drop"], abs=1e-9)
+    assert_recovered(result)
     picked = losses.evaluate_delta_nll(model, gistnet, docs, positions=[(1, 128)], context_tokens=C, horizon=H)
     assert picked["nll_full"] == pytest.approx(singles[2]["nll_full"], abs=1e-9)
     with pytest.raises(ValueError, match="no position to evaluate"):
@@ -225,6 +244,18 @@ def test_delta_nll_loss_with_a_horizon_mask(model, gistnet, document):
     short = losses.delta_nll_loss(model, gistnet, windows[:, :132], context_tokens=128)
     assert masked.item() == pytest.approx(short.item(), abs=1e-5)
     assert masked.item() != pytest.approx(plain.item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("level", [1, (1, 2)])
+def test_delta_nll_loss_with_precomputed_lod1_gists_is_the_same_loss(model, gistnet, document, level):
+    C, H = 1088, 32
+    windows = torch.stack([document[:C + H], document[64:64 + C + H]])
+    lod1, _ = losses.context_gists(model, gistnet, windows[:, :C], lod2=False)
+    given = losses.delta_nll_loss(model, gistnet, windows, context_tokens=C, level=level, lod1=lod1)
+    own = losses.delta_nll_loss(model, gistnet, windows, context_tokens=C, level=level)
+    assert given.item() == pytest.approx(own.item(), abs=1e-6)
+    with pytest.raises(ValueError, match=r"lod1 must be the \(B, C/32 - 1, D\)"):
+        losses.delta_nll_loss(model, gistnet, windows, context_tokens=C, level=level, lod1=lod1[:, :-1])
 
 
 def test_delta_nll_loss_trains_gistnet_only(gistnet, document):

@@ -92,6 +92,15 @@ def test_records_round_trip_under_artifact_root(artifacts):
     assert records[0]["config"] == {"lr": 0.1} and records[1]["loss"] == 1.5 and records[1]["step"] == 3
 
 
+def test_non_finite_values_are_written_as_null_so_the_file_stays_strict_json(artifacts):
+    t = Telemetry("nan_run")
+    t.log({"recovered": float("nan"), "ratio": float("inf"), "loss": 1.5}, step=0)
+    t.close()
+    line = open(t.path).read().splitlines()[1]
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {line}"))
+    assert record["recovered"] is None and record["ratio"] is None and record["loss"] == 1.5
+
+
 def test_two_runs_of_one_name_get_two_files(artifacts):
     a, b = Telemetry("same"), Telemetry("same")
     a.close()

@@ -219,7 +219,11 @@ def test_jt1_pooling_weight_adds_the_weighted_pooling_mse_to_the_delta_nll():
             for p in variant.gistnet.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
         rows = torch.randint(0, 64, (2, C + H + 1), generator=torch.Generator().manual_seed(2))
+        calls = []  # GistNet forwards by level: the pooling term reuses the ΔNLL's LOD1 gists
+        hook = variant.gistnet.register_forward_pre_hook(lambda module, args: calls.append(args[1]))
         losses[alpha] = variant.loss(None, (rows[:, :-1], rows[:, 1:]), step=3)
+        hook.remove()
+        assert calls.count(1) == 1, f"alpha={alpha}: GistNet's LOD1 forward ran {calls.count(1)} times in one micro-batch"
     (plain, plain_metrics), (weighted, metrics) = losses[0.0], losses[0.5]
     assert "pooling_mse" not in plain_metrics and metrics["pooling_mse"] > 1e-3
     assert torch.isclose(weighted - plain, torch.tensor(0.5 * metrics["pooling_mse"]), rtol=1e-4, atol=1e-6)
