@@ -16,10 +16,10 @@ JT1, step by step (each micro-batch is a (B, T) row of the usual pretraining loa
      the base model's own training
   2. phase `pooling_mse` (the first pooling_mse_steps steps): the gist of each context block
      but the last (those step 3 reads as gists) is pulled towards the mean of its 32 token
-     embeddings (a warm-up target). The attention and
-     mean_linear heads are initialised to exactly that mean; where a head is already at the
-     target (loss < POOLING_AT_TARGET) the step gets an exact zero gradient, because Adam would
-     otherwise turn float noise of ~1e-12 into full-size steps (measured: the loss rose to ~0.1)
+     embeddings (a warm-up target). The attention and mean_linear heads are initialised to
+     exactly that mean; where a head is already at the target (loss < POOLING_AT_TARGET) the
+     step gets an exact zero gradient, because Adam would otherwise turn float noise of ~1e-12
+     into full-size steps (measured: the loss rose to ~0.1)
   3. phase `delta_nll` (the rest): the base model reads [LOD1 gists of all context blocks but
      the last | the last block as tokens | the horizon]; the loss is the horizon NLL minus the
      NLL with the whole context as tokens, i.e. ΔNLL@H (DESIGN.md section 6), with gradients
