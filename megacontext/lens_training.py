@@ -51,6 +51,10 @@ The `lensnet:` section of the run config (DEFAULTS below lists every key):
   target_scale, attention_scale   score units per nat of utility / per unit of attention log-share
   ranking_temperature, w_regression, w_ranking, w_budget   the losses' knobs
   eval_every, eval_rows, eval_mixture, run_name
+  ema_decay                    0 (default): the checkpoint holds the last step's weights. > 0: it holds an
+                               exponential moving average of LensNet's weights over the steps (see _update_ema),
+                               which the held-out eval, the harness and the runtime read; the raw weights are
+                               saved beside it (lensnet_train) so a resume continues bit-identically
 
 Metrics: loss() returns (loss, metrics) with the three losses and target statistics; the trainer
 prints them at the end of its step line and logs them to its own wandb run (nanochat/hooks.py
@@ -62,6 +66,7 @@ upstream's files, with the GistNet identity), the sampling of JT2 examples and t
 It never changes the base model's or GistNet's weights; a vanilla run never touches this file.
 """
 
+import contextlib
 import time
 from dataclasses import asdict
 
@@ -88,7 +93,7 @@ DEFAULTS = dict(
     row_tokens=None, mixture=None, data_seed=2,
     target_scale=10.0, attention_scale=1.0, ranking_temperature=1.0, w_regression=1.0, w_ranking=1.0, w_budget=0.1,
     eval_every=0, eval_rows=8, eval_mixture={"natural": 0.5, "passkey": 0.25, "assoc": 0.25},
-    run_name=None,
+    ema_decay=0.0, run_name=None,
 )
 
 
@@ -107,6 +112,8 @@ class LensNetVariant:
                              f"min_history={cfg['min_history']}, history_tokens={cfg['history_tokens']}")
         if cfg["wcs_per_row"] < 1 or cfg["horizon"] < 1:
             raise ValueError("lensnet.wcs_per_row and lensnet.horizon must be >= 1")
+        if not (0.0 <= cfg["ema_decay"] < 1.0):
+            raise ValueError(f"lensnet.ema_decay must be in [0, 1) (0 = no weight average), got {cfg['ema_decay']}")
         if cfg["row_tokens"] is not None:
             if cfg["target"] != "counterfactual":
                 raise ValueError("lensnet.row_tokens (rows longer than the base model's sequence) needs target: "
@@ -115,6 +122,7 @@ class LensNetVariant:
         self.step = 0
         self.micro = 0
         self.model = self.gistnet = self.lensnet = self.telemetry = None
+        self.ema, self.ema_updates = None, 0  # with ema_decay > 0: the averaged state_dict and its update count
         self.last_metrics = {}
         self.val_rows = None
 
@@ -152,6 +160,8 @@ class LensNetVariant:
         lens_config = LensNetConfig(n_embd=model.config.n_embd, **cfg["lensnet"])
         self.lensnet = LensNet(lens_config, gistnet_identity=self.gistnet_identity).init_weights(seed=cfg["seed"])
         self.lensnet.to(device).train()
+        if cfg["ema_decay"] > 0:
+            self._start_ema()
         print0(f"LensNet: d_model {lens_config.d_model}, {lens_config.n_layer} layers "
                f"({self.lensnet.num_params():,} params); GistNet {self.gistnet_identity} (frozen)")
         self.telemetry = variant_telemetry(cfg, run_args, "lensnet")
@@ -200,8 +210,11 @@ class LensNetVariant:
     def on_step(self, step, metrics):
         cfg = self.config
         record = {**self.last_metrics, **metrics}
+        if self.ema is not None:  # on_step runs after the optimizer step
+            self._update_ema()
         if cfg["eval_every"] > 0 and (step + 1) % cfg["eval_every"] == 0:
-            record.update({f"val_{k}": v for k, v in self.evaluate().items()})
+            with self._averaged():
+                record.update({f"val_{k}": v for k, v in self.evaluate().items()})
             print0(f"step {step:05d} | JT2 val focus gain {record['val_focus_gain']:.4f} of oracle "
                    f"{record['val_oracle_gain']:.4f} (share {record['val_focus_share']:.3f}); top gist's gain "
                    f"{record['val_pick_gain']:.4f}, top1 {record['val_top1']:.2f}; ranking {record['val_loss_ranking']:.4f}")
@@ -210,19 +223,64 @@ class LensNetVariant:
         self.micro = 0
 
     def state_dict(self):
-        return {
-            "lensnet": {"config": asdict(self.lensnet.config), "state_dict": self.lensnet.state_dict()},
+        # "lensnet" is what every reader loads (lensnet.load_lensnet): the average when there is one
+        state = {
+            "lensnet": {"config": asdict(self.lensnet.config),
+                        "state_dict": self.ema if self.ema is not None else self.lensnet.state_dict()},
             "gistnet_identity": self.gistnet_identity,
             "step": self.step,
             "lensnet_config": self.config,
         }
+        if self.ema is not None:
+            state["lensnet_train"] = self.lensnet.state_dict()
+            state["ema_updates"] = self.ema_updates
+        return state
 
     def load_state_dict(self, state):
         if state.get("gistnet_identity") != self.gistnet_identity:
             raise ValueError(f"the LensNet state was trained with GistNet {state.get('gistnet_identity')} but this "
                              f"run loads {self.gistnet_identity}; resume with the same lensnet.gistnet")
-        self.lensnet.load_state_dict(state["lensnet"]["state_dict"])
+        self.lensnet.load_state_dict(state.get("lensnet_train", state["lensnet"]["state_dict"]))
+        if self.ema is not None:
+            if "lensnet_train" in state:  # the average goes on from where it was saved
+                self.ema = {k: v.detach().clone() for k, v in state["lensnet"]["state_dict"].items()}
+                self.ema_updates = state["ema_updates"]
+            else:  # resuming a run saved without an average: it starts at the resumed weights
+                self._start_ema()
         self.step = state["step"]
+
+    # -------------------------------------------------------------------------
+    # the weight average (ema_decay > 0)
+
+    def _start_ema(self):
+        self.ema = {k: v.detach().clone() for k, v in self.lensnet.state_dict().items()}
+        self.ema_updates = 0
+
+    @torch.no_grad()
+    def _update_ema(self):
+        """After an optimizer step: ema <- d * ema + (1 - d) * weights, d = min(ema_decay, (1 + n) / (10 + n))
+        at the n-th update. The ramp keeps a short run (or the first steps) from averaging in the random
+        init: d is 0.1 at the first update and reaches 0.98 after 440."""
+        decay = min(self.config["ema_decay"], (1 + self.ema_updates) / (10 + self.ema_updates))
+        for k, v in self.lensnet.state_dict().items():
+            if v.is_floating_point():
+                self.ema[k].lerp_(v, 1.0 - decay)
+            else:
+                self.ema[k].copy_(v)
+        self.ema_updates += 1
+
+    @contextlib.contextmanager
+    def _averaged(self):
+        """Within it self.lensnet holds the averaged weights (the held-out eval reads the model that is saved)."""
+        if self.ema is None:
+            yield
+            return
+        trained = {k: v.detach().clone() for k, v in self.lensnet.state_dict().items()}
+        self.lensnet.load_state_dict(self.ema)
+        try:
+            yield
+        finally:
+            self.lensnet.load_state_dict(trained)
 
     # -------------------------------------------------------------------------
     # examples

@@ -354,7 +354,7 @@ def test_jt2_with_lookahead_trains_on_histories_with_lod2_spans(jt2_base, tmp_pa
 
 @pytest.mark.slow
 def test_jt2_resume_restores_lensnet_bit_identically_and_refuses_another_gistnet(jt2_base, tmp_path):
-    args = ("--num_iterations=4", "--save_every=2", "--lensnet.eval_every=0")
+    args = ("--num_iterations=4", "--save_every=2", "--lensnet.eval_every=0", "--lensnet.ema_decay=0.9")
     r = run_jt2(jt2_base, tmp_path, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     out = jt2_base / "base_checkpoints" / "jt2"
@@ -364,12 +364,56 @@ def test_jt2_resume_restores_lensnet_bit_identically_and_refuses_another_gistnet
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = torch.load(out / "mc_000004.pt")
     assert resumed["step"] == 4 and resumed["gistnet_identity"] == full["gistnet_identity"]
-    for k, v in full["lensnet"]["state_dict"].items():
-        assert torch.equal(v, resumed["lensnet"]["state_dict"][k]), k
+    assert full["ema_updates"] == resumed["ema_updates"] == 4
+    for part in ("lensnet", "lensnet_train"):  # the average and the raw weights both resume exactly
+        saved = full[part]["state_dict"] if part == "lensnet" else full[part]
+        again = resumed[part]["state_dict"] if part == "lensnet" else resumed[part]
+        for k, v in saved.items():
+            assert torch.equal(v, again[k]), (part, k)
+    assert any(not torch.equal(v, full["lensnet_train"][k]) for k, v in full["lensnet"]["state_dict"].items())
     other = save_gistnet(tmp_path / "other_gistnet.pt", seed=5)
     r = run_jt2(jt2_base, tmp_path, *args, "--resume_from_step=2", gistnet=other)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "trained with GistNet" in r.stderr.strip().splitlines()[-1]
+
+
+def test_weight_average_follows_its_formula_swaps_in_for_eval_and_round_trips():
+    from megacontext.lens_training import LensNetVariant
+    from megacontext.lensnet import LensNet, LensNetConfig
+    variant = LensNetVariant({"ema_decay": 0.5})
+    variant.lensnet = LensNet(LensNetConfig(n_embd=D, d_model=16, n_head=2)).init_weights(0)
+    variant.gistnet_identity = "g"
+    variant._start_ema()
+    expected = {k: v.clone() for k, v in variant.lensnet.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    for n in range(4):  # decay = min(0.5, (1 + n) / (10 + n)): 0.1, 0.18, 0.25, 0.31
+        with torch.no_grad():
+            for p in variant.lensnet.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        variant._update_ema()
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = {k: d * expected[k] + (1 - d) * v for k, v in variant.lensnet.state_dict().items()}
+    assert variant.ema_updates == 4
+    for k, v in expected.items():
+        assert torch.allclose(variant.ema[k], v, atol=1e-6), k
+    trained = {k: v.clone() for k, v in variant.lensnet.state_dict().items()}
+    with variant._averaged():
+        assert all(torch.equal(v, variant.ema[k]) for k, v in variant.lensnet.state_dict().items())
+    assert all(torch.equal(v, trained[k]) for k, v in variant.lensnet.state_dict().items())
+    state = variant.state_dict()  # readers get the average; the raw weights ride along for a resume
+    assert all(torch.equal(v, variant.ema[k]) for k, v in state["lensnet"]["state_dict"].items())
+    assert all(torch.equal(v, trained[k]) for k, v in state["lensnet_train"].items())
+    other = LensNetVariant({"ema_decay": 0.5})
+    other.lensnet = LensNet(LensNetConfig(n_embd=D, d_model=16, n_head=2)).init_weights(1)
+    other.gistnet_identity = "g"
+    other._start_ema()
+    other.load_state_dict(state)
+    assert other.ema_updates == 4 and other.step == variant.step
+    assert all(torch.equal(v, trained[k]) for k, v in other.lensnet.state_dict().items())
+    assert all(torch.equal(v, variant.ema[k]) for k, v in other.ema.items())
+    off = LensNetVariant({})
+    off.lensnet, off.gistnet_identity = variant.lensnet, "g"
+    assert off.ema is None and "lensnet_train" not in off.state_dict()
 
 
 @pytest.mark.parametrize("config, message", [
@@ -377,6 +421,7 @@ def test_jt2_resume_restores_lensnet_bit_identically_and_refuses_another_gistnet
     ({"budget": 3}, "unknown lensnet config key(s): budget"),
     ({"budget_tokens": 40}, "lensnet.budget_tokens must be at least 64"),
     ({"min_history": 2000}, "min_history <= history_tokens"),
+    ({"ema_decay": 1.0}, "lensnet.ema_decay must be in [0, 1)"),
 ])
 def test_jt2_config_errors_name_the_key(config, message):
     from megacontext.lens_training import LensNetVariant
