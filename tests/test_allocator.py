@@ -109,6 +109,7 @@ configs = st.builds(
     hysteresis=st.sampled_from([0.0, 0.1]),
     hysteresis_refocuses=st.integers(0, 5),
     make_room=st.booleans(),
+    standalone_collapses=st.booleans(),
     on_all_invalid=st.sampled_from(["recency", "keep"]),
 )
 
@@ -144,6 +145,10 @@ def test_one_refocus_keeps_every_invariant(setup, cfg, p_invalid, masked):
             assert a.score > cfg.tau_expand
         else:
             assert a.score < (0.0 if cfg.make_room else -cfg.tau_collapse)
+    if not cfg.standalone_collapses:  # every collapse is the first half of a pair: the budget stays spent
+        kinds = [a.kind for a in out.actions]
+        assert all(k == "expand" or kinds[i + 1:i + 2] == ["expand"] for i, k in enumerate(kinds))
+        assert out.wc.cost >= wc.cost
     if not out.actions:
         assert out.wc is wc
 
@@ -242,6 +247,20 @@ def test_a_strong_collapse_happens_on_its_own_and_frees_room_first():
     out = FocusAllocator(AllocatorConfig(make_room=False)).refocus(wc, scores)
     assert out.actions == [Action("collapse", 1, 38, -0.8), Action("expand", 1, 3, 0.5)]
     check_legal(out.wc, wc)
+
+
+def test_without_standalone_collapses_a_collapse_only_makes_room():
+    wc = lod1_wc(budget=lod1_wc().cost)
+    scores = np.zeros(len(wc))
+    scores[position(wc, (0, 38))] = -0.8  # a strong wish for less detail, and no expand to make room for
+    assert FocusAllocator().refocus(wc, scores).actions == [Action("collapse", 1, 38, -0.8)]
+    paired_only = FocusAllocator(AllocatorConfig(standalone_collapses=False))
+    out = paired_only.refocus(wc, scores)
+    assert out.actions == [] and out.wc is wc
+    scores[3] = 0.5  # now an expand needs the room: the collapse comes as its pair
+    out = FocusAllocator(AllocatorConfig(standalone_collapses=False)).refocus(wc, scores)
+    assert out.actions == [Action("collapse", 1, 38, -0.8), Action("expand", 1, 3, 0.5)]
+    assert out.wc.cost == wc.cost
 
 
 def test_greedy_order_is_by_strength_then_entry_order_and_capped():
