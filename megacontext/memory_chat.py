@@ -86,7 +86,7 @@ DEFAULTS = {
     "chat": True,
     "gistnet": "longctx_cpu_gistnet",
     "lensnet": "longctx_cpu_lensnet",
-    "allocator": {"tau_expand": 0.0},
+    "allocator": {"tau_expand": 0.0, "standalone_collapses": False},  # as configs/runtime_cpu.yaml
     "lora": None,
     "budget_tokens": 128,
     "refocus_every": 32,
