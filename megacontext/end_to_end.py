@@ -26,8 +26,14 @@ section (without `phases` the section is JT1, megacontext/variant.py). One micro
      all targets are 0 when the gain is under argmin_margin) or `counterfactual` (the focus
      issue's utilities, lens_targets.counterfactual_targets, max_candidates per WC); LensNet's
      loss = w_regression * regression + w_ranking * ranking + w_budget * budget (lens_losses)
-  7. loss = mean horizon NLL (when the phase trains GistNet, LoRA or the base) + the gist
-     losses + w_lens * LensNet's loss (when it trains LensNet). The trainer steps once.
+  7. full-context replay (w_full_context > 0, in phases that train the LoRA or the base): the
+     first full_context_rows rows (null = all) read whole as plain tokens, no WC, scored on their
+     supervised tokens as the testbed was pre-trained: each row's mean NLL, then the mean over
+     rows. A LoRA that learns to read gists only ever sees WC rows of 1 + W + H - 1 positions, and
+     without this its reading of long raw-token contexts drifts (docs/benchmarks.md, part 9)
+  8. loss = mean horizon NLL (when the phase trains GistNet, LoRA or the base) + the gist
+     losses + w_lens * LensNet's loss (when it trains LensNet) + w_full_context * the replay
+     loss (when it is on). The trainer steps once.
 Targets are computed every step from the current GistNet, so they are always regenerated
 after a GistNet phase.
 
@@ -51,6 +57,7 @@ The `megacontext:` section (DEFAULTS below lists every key):
   random_wcs, focused_wcs, refocus_changes, lod1_tail
   alpha_lod1, alpha_lod2, w_lens, lens_target, argmin_margin, max_candidates, batch_rows,
   target_scale, ranking_temperature, w_regression, w_ranking, w_budget
+  w_full_context, full_context_rows   the full-context replay loss of step 7 (0 = off, the default)
   lr_gistnet, lr_lensnet, lr_lora, weight_decay   AdamW groups under nanochat's LR schedule (the
                                base's own groups keep nanochat's LRs when a phase trains it)
   max_nonfinite_steps          NaN/inf steps skipped in a row before the run stops (nanochat/hooks.py)
@@ -122,6 +129,7 @@ DEFAULTS = dict(
     mixture=None, data_seed=0, corpus=None, random_wcs=1, focused_wcs=1, refocus_changes=4, lod1_tail=256,
     alpha_lod1=0.1, alpha_lod2=0.1, w_lens=1.0, lens_target="argmin", argmin_margin=0.01, max_candidates=8,
     batch_rows=32, target_scale=10.0, ranking_temperature=1.0, w_regression=1.0, w_ranking=1.0, w_budget=0.1,
+    w_full_context=0.0, full_context_rows=None,
     lr_gistnet=1e-3, lr_lensnet=1e-3, lr_lora=1e-3, weight_decay=0.0, max_nonfinite_steps=3,
     seed=0, run_name=None, megaprediction=None,
 )
@@ -242,6 +250,11 @@ class EndToEndVariant:
                              f"min_history={cfg['min_history']}, history_tokens={cfg['history_tokens']}")
         if cfg["horizon"] < 1 or cfg["random_wcs"] < 0 or cfg["focused_wcs"] < 0:
             raise ValueError("megacontext.horizon must be >= 1 and random_wcs, focused_wcs >= 0")
+        w_full, full_rows = cfg["w_full_context"], cfg["full_context_rows"]
+        if isinstance(w_full, bool) or not isinstance(w_full, (int, float)) or not w_full >= 0:
+            raise ValueError(f"megacontext.w_full_context must be a number >= 0 (0 = off), got {w_full!r}")
+        if full_rows is not None and (isinstance(full_rows, bool) or not isinstance(full_rows, int) or full_rows < 1):
+            raise ValueError(f"megacontext.full_context_rows must be a positive integer or null (all rows), got {full_rows!r}")
         self.max_nonfinite_steps = int(cfg["max_nonfinite_steps"])  # opts into the trainer's NaN/inf guard
         self.mp = check_megaprediction(cfg["megaprediction"])
         self.heads = self.mp_stream = None
@@ -284,6 +297,11 @@ class EndToEndVariant:
             raise ValueError(f"megacontext rows need 1 + budget_tokens + horizon - 1 = {need} positions but the model's "
                              f"max_seq_len is {model.config.sequence_len}; lower megacontext.budget_tokens or horizon, "
                              f"or raise max_seq_len")
+        full = cfg["history_tokens"] + cfg["horizon"]  # the replay reads a whole row but its last token
+        if cfg["w_full_context"] and full > model.config.sequence_len:
+            raise ValueError(f"megacontext.w_full_context reads whole rows of history_tokens + horizon = {full} positions "
+                             f"but the model's max_seq_len is {model.config.sequence_len}; lower history_tokens or "
+                             f"horizon, raise max_seq_len, or set w_full_context: 0")
         if not resuming:
             load_base_weights(model, cfg["base_model_tag"], cfg["base_step"], run_args, section="megacontext",
                               example="base_model_tag: longctx_cpu after `python -m nanochat.train --config "
@@ -400,13 +418,19 @@ class EndToEndVariant:
             lens_loss = cfg["w_regression"] * parts["regression"] + cfg["w_ranking"] * parts["ranking"] + cfg["w_budget"] * parts["budget"]
             loss = loss + cfg["w_lens"] * lens_loss
             metrics.update({f"lens_{k}": float(v.detach()) for k, v in parts.items()}, **target_stats)
+        replay_rows = 0
+        if cfg["w_full_context"] and train & {"lora", "base"}:
+            replay_rows = min(cfg["full_context_rows"] or rows.size(0), rows.size(0))
+            full_nll = self._full_context_nll(model, rows[:replay_rows], supervised[:replay_rows])
+            loss = loss + cfg["w_full_context"] * full_nll
+            metrics["nll_full_context"] = float(full_nll.detach())
         per_kind = {}
         for it, v in zip(items, nll.detach().float().cpu().tolist()):
             per_kind.setdefault(it["kind"], []).append(v)
         metrics.update({f"nll_{k}": float(np.nanmean(v)) for k, v in per_kind.items()})
         if "focused" in per_kind:
             metrics["focus_gain"] = metrics["nll_recency"] - metrics["nll_focused"]
-        metrics.update(tokens=len(items) * self.row_length, wcs_s=round(t_wcs, 3), lens_s=round(time.time() - t_lens, 3))
+        metrics.update(tokens=len(items) * self.row_length + replay_rows * (rows.size(1) - 1), wcs_s=round(t_wcs, 3), lens_s=round(time.time() - t_lens, 3))
         if self.heads is not None:  # last, so everything above runs exactly as with the heads off
             mp_loss, mp_metrics = self._megaprediction_loss(model, row_ids)
             loss = loss + mp_loss
@@ -549,6 +573,14 @@ class EndToEndVariant:
                                     torch.stack([it["horizon"] for it in items]),
                                     torch.stack([it["horizon_mask"] for it in items]), self.bos, self.row_length)
         return nll.float()
+
+    def _full_context_nll(self, model, rows, supervised):
+        """Mean over rows of each row's mean next-token NLL on its supervised tokens, the whole row
+        read as plain tokens (the testbed's pre-training loss; a mean per row, so ranks agree)."""
+        mask = supervised[:, 1:]
+        targets = torch.where(mask, rows[:, 1:], torch.full_like(rows[:, 1:], -1))
+        per_token = model(rows[:, :-1], targets, loss_reduction="none").view(rows.size(0), -1)
+        return (per_token * mask).sum(1).div(mask.sum(1).clamp(min=1)).mean()
 
     def _lens_loss(self, items, nll):
         """LensNet's losses on each row's recency WC, with this step's targets."""

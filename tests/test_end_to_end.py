@@ -145,6 +145,65 @@ def test_resume_is_bit_identical_and_refuses_other_shapes(train_base_dir, tmp_pa
 def test_rows_that_do_not_fit_the_model_are_one_line(train_base_dir, tmp_path):
     r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path, "--megacontext.budget_tokens=192")
     assert r.returncode == 1 and "max_seq_len is 160" in r.stderr and "Traceback" not in r.stderr
+    # the full-context replay reads whole rows: 224 + 16 positions do not fit either
+    r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path, "--megacontext.w_full_context=1.0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "w_full_context reads whole rows of history_tokens + horizon = 240 positions" in r.stderr
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("w_full_context", -0.5, "w_full_context must be a number >= 0"),
+    ("w_full_context", "yes", "w_full_context must be a number >= 0"),
+    ("full_context_rows", 0, "full_context_rows must be a positive integer or null"),
+])
+def test_bad_full_context_settings_are_one_line(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        EndToEndVariant({"phases": [{"steps": 1, "train": ["lora"]}], key: value})
+
+
+def test_the_full_context_replay_is_each_rows_supervised_nll_and_reaches_the_lora():
+    from nanochat.gpt import GPT, GPTConfig
+    from megacontext.lora import attach_lora
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=64,
+                          window_pattern="L"))
+    model.init_weights()
+    with torch.no_grad():  # confident predictions, so rows' mean NLLs differ
+        model.lm_head.weight.normal_(std=1.0)
+    rows = torch.randint(0, 64, (3, 20))
+    supervised = torch.zeros(3, 20, dtype=torch.bool)
+    supervised[0] = True            # a natural row: every token
+    supervised[1, 15:18] = True     # a synthetic row: its answer span only
+    supervised[2, 5:19] = True
+    variant = EndToEndVariant({"phases": [{"steps": 1, "train": ["lora"]}], "w_full_context": 1.0})
+    got = variant._full_context_nll(model, rows, supervised)
+    logits = model(rows[:, :-1])
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")
+    per_row = [nll[r][supervised[r, 1:]].mean() for r in range(3)]
+    # rows weigh the same whatever their number of supervised tokens (so B rows on one rank and
+    # B/2 on each of two give the same step), not tokens
+    assert got.item() == pytest.approx(torch.stack(per_row).mean().item(), rel=1e-5)
+    assert got.item() != pytest.approx(nll[supervised[:, 1:]].mean().item(), rel=1e-3)
+    lora = attach_lora(model, rank=4)
+    model.requires_grad_(False)
+    lora.requires_grad_(True)
+    variant._full_context_nll(model, rows, supervised).backward()
+    grads = [p.grad for p in lora.parameters()]
+    assert grads and all(g is not None for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_the_full_context_replay_runs_only_in_phases_that_train_the_lora_or_base(train_base_dir, tmp_path):
+    phases = "[{name: gist, steps: 1, train: [gistnet]}, {name: lora, steps: 2, train: [lora]}]"
+    r = run_train_config(train_base_dir, E2E_CONFIG, tmp_path, "--num-iterations=3", f"--megacontext.phases={phases}",
+                         "--megacontext.history_tokens=128", "--megacontext.w_full_context=1.0",
+                         "--megacontext.full_context_rows=1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    records = [rec for rec in run_log(tmp_path, "e2e") if "phase" in rec]
+    assert [rec["phase"] for rec in records] == ["gist", "lora", "lora"]
+    assert "nll_full_context" not in records[0]
+    assert all(np.isfinite(rec["nll_full_context"]) for rec in records[1:])
+    # tok/s counts what was read: 2 rows x 3 WCs x (1 + 128 + 15) positions, plus one replayed row of 144
+    assert records[0]["tokens"] == 864 and all(rec["tokens"] == 864 + 144 for rec in records[1:])
 
 
 class NaNAtSteps(EndToEndVariant):
