@@ -219,7 +219,6 @@ class NaNAtSteps(EndToEndVariant):
 
 
 def run_in_process(base, tmp_path, monkeypatch, bad_steps, *overrides):
-    import yaml
     from nanochat import train as train_lib
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     monkeypatch.setenv("NANOCHAT_COMPILE", "0")
