@@ -27,9 +27,9 @@ section (without `phases` the section is JT1, megacontext/variant.py). One micro
      issue's utilities, lens_targets.counterfactual_targets, max_candidates per WC); LensNet's
      loss = w_regression * regression + w_ranking * ranking + w_budget * budget (lens_losses)
   7. full-context replay (w_full_context > 0, in phases that train the LoRA or the base): the
-     first full_context_rows rows of each micro-batch (null = all) read whole as plain tokens, no WC, scored on their
-     supervised tokens as the testbed was pre-trained: each row's mean NLL, then the mean over
-     rows. A LoRA that learns to read gists only ever sees WC rows of 1 + W + H - 1 positions, and
+     first full_context_rows rows of each micro-batch (null = all) read whole as plain tokens,
+     no WC, scored on their supervised tokens as the testbed was pre-trained: each row's mean
+     NLL, then the mean over rows. A LoRA that learns to read gists only ever sees WC rows of 1 + W + H - 1 positions, and
      without this its reading of long raw-token contexts drifts (docs/benchmarks.md, part 9)
   8. loss = mean horizon NLL (when the phase trains GistNet, LoRA or the base) + the gist
      losses + w_lens * LensNet's loss (when it trains LensNet) + w_full_context * the replay
