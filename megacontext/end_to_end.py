@@ -418,7 +418,7 @@ class EndToEndVariant:
             lens_loss = cfg["w_regression"] * parts["regression"] + cfg["w_ranking"] * parts["ranking"] + cfg["w_budget"] * parts["budget"]
             loss = loss + cfg["w_lens"] * lens_loss
             metrics.update({f"lens_{k}": float(v.detach()) for k, v in parts.items()}, **target_stats)
-        t_lens = time.time() - t_lens
+        lens_s = time.time() - t_lens
         replay_rows, t_replay = 0, time.time()
         if cfg["w_full_context"] and train & {"lora", "base"}:
             replay_rows = min(cfg["full_context_rows"] or rows.size(0), rows.size(0))
@@ -431,7 +431,7 @@ class EndToEndVariant:
         metrics.update({f"nll_{k}": float(np.nanmean(v)) for k, v in per_kind.items()})
         if "focused" in per_kind:
             metrics["focus_gain"] = metrics["nll_recency"] - metrics["nll_focused"]
-        metrics.update(tokens=len(items) * self.row_length + replay_rows * (rows.size(1) - 1), wcs_s=round(t_wcs, 3), lens_s=round(t_lens, 3))
+        metrics.update(tokens=len(items) * self.row_length + replay_rows * (rows.size(1) - 1), wcs_s=round(t_wcs, 3), lens_s=round(lens_s, 3))
         if self.heads is not None:  # last, so everything above runs exactly as with the heads off
             mp_loss, mp_metrics = self._megaprediction_loss(model, row_ids)
             loss = loss + mp_loss
