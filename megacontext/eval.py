@@ -117,6 +117,7 @@ DEFAULTS = {
     "ratios": [2, 4, 8, 16],      # history / W
     "positions": 48,              # natural-text positions (shared by all ratios)
     "stride": 256,                # spacing of candidate positions in a document
+    "positions_by": "length",     # length: uniform over candidates | source: the sources take turns
     "depths": [0.1, 0.3, 0.5, 0.7, 0.9],
     "passkey_cases": 6,           # per depth x ratio cell
     "task_ratio": 8,              # history / W for the synthetic task table and the testbed figures
@@ -603,14 +604,30 @@ class Harness:
 
 
 def natural_positions(corpus, cfg, rng):
-    """(doc index, t) pairs at least max(ratios) x W deep with a full horizon after them."""
+    """(doc index, t) pairs at least max(ratios) x W deep with a full horizon after them.
+
+    positions_by "length": drawn uniformly from all candidates, so each source weighs by its
+    length (the offline test split is ~86% plays). "source": the sources take turns (each
+    source's candidates shuffled), so code, reference text and plays weigh alike while a
+    source has candidates left."""
     deepest = max(cfg["ratios"]) * cfg["budget_tokens"]
     candidates = []
     for d, arr in enumerate(corpus.arrays):
         for t in range(deepest, len(arr) - cfg["horizon"] + 1, cfg["stride"]):
             candidates.append((d, t))
     rng.shuffle(candidates)
-    return sorted(candidates[:cfg["positions"]])
+    if cfg["positions_by"] == "length":
+        return sorted(candidates[:cfg["positions"]])
+    by_source = {}
+    for d, t in candidates:
+        by_source.setdefault(corpus.sources[d], []).append((d, t))
+    queues = [by_source[src] for src in sorted(by_source)]
+    chosen = []
+    while len(chosen) < cfg["positions"] and any(queues):
+        for q in queues:
+            if q and len(chosen) < cfg["positions"]:
+                chosen.append(q.pop())
+    return sorted(chosen)
 
 
 def delta_positions(corpus, cfg, rng):
@@ -740,6 +757,7 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
                          f"horizon need; lower ratios or budget_tokens")
     report["bpb"], report["gap_closed"], report["lod_composition"] = {}, {}, {}
     natural_nll = {}  # (method, ratio) -> mean NLL nats/token, for the testbed figures
+    natural_gap_by_position = []  # (source, NLL recency - full) at the testbed ratio
     harness.focus_log = []  # the focus figures are those of the natural-text workload (the eval corpus)
     gist_first, gist_first_s = {}, 0.0
     for r in ratios:
@@ -766,6 +784,12 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
 
         for m, res in results.items():
             report["bpb"].setdefault(m, {})[str(n)], natural_nll[(m, r)] = bpb_of(res)
+        if r == cfg["testbed_ratio"] and "full" in results and "recency" in results:
+            # per position: NLL(recency) - NLL(full), for the natural gap's interval and its split by source
+            full_of = {i: x.mean() for i, x in zip(results["full"]["index"], results["full"]["nll"])}
+            natural_gap_by_position = [(long_corpus.sources[positions[i][0]], float(x.mean() - full_of[i]))
+                                       for i, x in zip(results["recency"]["index"], results["recency"]["nll"])
+                                       if i in full_of]
         if "oracle" in results and len(results["oracle"]["index"]) < len(histories):
             # the oracle's figure is over its subset: give the WC it starts from on the same positions
             sub = report.setdefault("oracle_subset", {})
@@ -916,6 +940,11 @@ def evaluate(model, tokenizer, cfg, gistnet=None, task_files=(), token_bytes=Non
         testbed["nll_gap_synthetic"] = float(np.mean(synthetic_nll["recency"]) - np.mean(synthetic_nll["full"]))
     if ("full", tr) in natural_nll and ("recency", tr) in natural_nll:
         testbed["nll_gap_natural"] = natural_nll[("recency", tr)] - natural_nll[("full", tr)]
+        if natural_gap_by_position:  # testbed keeps DESIGN §6's three keys; the gap's spread goes beside it
+            report["testbed_natural_gap"] = {
+                **_mean_ci([g for _, g in natural_gap_by_position]),
+                "by_source": {src: _mean_ci([g for s, g in natural_gap_by_position if s == src])
+                              for src in sorted({s for s, _ in natural_gap_by_position})}}
     if "full" in report["passkey"]:
         testbed["passkey_full"] = min(v for by_depth in report["passkey"]["full"].values() for v in by_depth.values())
     report["testbed"] = testbed
@@ -965,6 +994,12 @@ def report_markdown(report):
     for key, (goal, what) in TESTBED_GOALS.items():
         v = report["testbed"].get(key)
         lines.append(f"| {key} ({what}) | {_fmt(v)} | >= {goal} | {'yes' if v is not None and v >= goal else 'no'} |")
+    gap = report.get("testbed_natural_gap")
+    if gap:
+        lines += ["", f"Natural gap per position (positions by {report['config']['positions_by']}): "
+                  f"{_fmt(gap['value'])} [{_fmt(gap['ci95'][0])}, {_fmt(gap['ci95'][1])}], n = {gap['n']}; by source: "
+                  + ", ".join(f"{src} {_fmt(g['value'])} [{_fmt(g['ci95'][0])}, {_fmt(g['ci95'][1])}] (n = {g['n']})"
+                              for src, g in gap["by_source"].items()) + "."]
     hists = sorted({int(h) for by in report["bpb"].values() for h in by})
     lines += ["", f"## Long-document bits per byte (next {report['config']['horizon']} tokens, "
               f"{report['natural_positions']} positions of {report['documents']['used_for_bpb']} test documents)", "",

@@ -54,11 +54,36 @@ def check_mixture(mixture):
     return {k: float(w) for k, w in mixture.items() if w > 0}
 
 
+def natural_document_weights(corpus, source_weights=None):
+    """How often each document of `corpus` is drawn for a natural row.
+
+    By default in proportion to its length (every token equally likely). With source_weights
+    (source -> share of the natural rows), each source gets that share, split among its
+    documents by length: the offline corpus is mostly plays, and code, whose names and
+    signatures come back thousands of tokens later, would otherwise be a third of it."""
+    lengths = corpus.lengths().astype(np.float64)
+    if not source_weights:
+        return lengths
+    unknown = set(source_weights) - set(SOURCES)
+    if unknown or any(not isinstance(w, (int, float)) or w < 0 for w in source_weights.values()):
+        raise ValueError(f"source_weights must map sources ({', '.join(SOURCES)}) to non-negative numbers, "
+                         f"got {source_weights}")
+    totals = {}
+    for src, n in zip(corpus.sources, lengths):
+        totals[src] = totals.get(src, 0.0) + n
+    weights = np.array([float(source_weights.get(src, 0.0)) * n / totals[src]
+                        for src, n in zip(corpus.sources, lengths)])
+    if weights.sum() <= 0:
+        raise ValueError(f"source_weights {source_weights} give no weight to any source of this corpus "
+                         f"({', '.join(sorted(totals))})")
+    return weights
+
+
 class RowStream:
     """Deterministic stream of long-document rows of one split."""
 
     def __init__(self, tokenizer, row_tokens, split="train", mixture=None, seed=0, sources=SOURCES, corpus=None,
-                 synthetic_targets="answers", synthetic_history=None):
+                 synthetic_targets="answers", synthetic_history=None, source_weights=None):
         if synthetic_targets not in ("answers", "all"):
             raise ValueError(f"synthetic_targets must be 'answers' or 'all', got {synthetic_targets!r}")
         self.synthetic_targets = synthetic_targets
@@ -85,7 +110,7 @@ class RowStream:
         self.bos = tokenizer.get_bos_token_id()
         self._kinds = list(self.mixture)
         self._weights = [self.mixture[k] for k in self._kinds]
-        self._natural_weights = self.corpus.lengths()
+        self._natural_weights = natural_document_weights(self.corpus, source_weights)
 
     def kind_of(self, rng):
         return rng.choices(self._kinds, weights=self._weights)[0]
@@ -232,11 +257,13 @@ class LongDocSource:
 
     Config keys (the run config's `data:` section): source (= longdocs), mixture (kind ->
     weight; kinds: natural, passkey, needle, repeat, assoc, vartrack), seed, sources (offline
-    text sources, default all of longdocs.SOURCES), val_seed, synthetic_targets (answers | all,
-    see the module docstring), synthetic_history (tokens before every synthetic answer, BOS and
-    question included; default: a random length per row)."""
+    text sources, default all of longdocs.SOURCES), source_weights (source -> share of the
+    natural rows; default: by length, see natural_document_weights), val_seed, synthetic_targets
+    (answers | all, see the module docstring), synthetic_history (tokens before every synthetic
+    answer, BOS and question included; default: a random length per row)."""
 
-    KEYS = ("source", "mixture", "seed", "sources", "val_seed", "synthetic_targets", "synthetic_history")
+    KEYS = ("source", "mixture", "seed", "sources", "source_weights", "val_seed", "synthetic_targets",
+            "synthetic_history")
 
     def __init__(self, config):
         unknown = set(config) - set(self.KEYS)
@@ -250,6 +277,7 @@ class LongDocSource:
         self.sources = tuple(self.config.get("sources") or SOURCES)
         self.synthetic_targets = self.config.get("synthetic_targets", "answers")
         self.synthetic_history = self.config.get("synthetic_history")
+        self.source_weights = self.config.get("source_weights")
 
     def describe(self):
         mix = ", ".join(f"{k} {w:g}" for k, w in self.mixture.items())
@@ -258,7 +286,8 @@ class LongDocSource:
     def train_loader(self, tokenizer, B, T, device, resume_state_dict=None):
         """(x, y, state) forever, like nanochat's tokenizing loader; resumes exactly from state."""
         stream = RowStream(tokenizer, T + 1, "train", self.mixture, self.seed, self.sources,
-                           synthetic_targets=self.synthetic_targets, synthetic_history=self.synthetic_history)
+                           synthetic_targets=self.synthetic_targets, synthetic_history=self.synthetic_history,
+                           source_weights=self.source_weights)
         if stream.skipped:
             print(f"long documents: {len(stream.skipped)} train documents shorter than {T} tokens are "
                   f"used only as synthetic filler")
@@ -271,6 +300,7 @@ class LongDocSource:
     def val_loader(self, tokenizer, B, T, device):
         """(x, y) of the val split: the same rows every time it is built."""
         stream = RowStream(tokenizer, T + 1, "val", self.mixture, self.val_seed, self.sources,
-                           synthetic_targets=self.synthetic_targets, synthetic_history=self.synthetic_history)
+                           synthetic_targets=self.synthetic_targets, synthetic_history=self.synthetic_history,
+                           source_weights=self.source_weights)
         for batch, supervised, _, _ in _batches(stream, B, 0, device):
             yield batch[:, :-1].contiguous(), _targets(batch, supervised)

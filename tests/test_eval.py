@@ -122,6 +122,29 @@ def test_oracle_candidates_reach_into_a_lod2_span_in_one_round(setup):
     assert all(c.cost <= 128 for c in cands) and len(cands) == 2 + 32  # + the LOD2 and LOD1 expansions
 
 
+def test_positions_by_source_lets_the_sources_take_turns():
+    corpus = TokenCorpus(["code", "play1", "play2"], [np.ones(3000, dtype=np.int64), np.ones(20000, dtype=np.int64),
+                                                     np.ones(20000, dtype=np.int64)], ["stdlib", "shakespeare", "shakespeare"])
+    cfg = dict(SMALL, positions=40, stride=64)
+
+    def per_source(by):
+        chosen = mceval.natural_positions(corpus, dict(cfg, positions_by=by), random.Random(0))
+        assert len(chosen) == 40 and len(set(chosen)) == 40 and chosen == sorted(chosen)
+        return sum(d == 0 for d, _ in chosen), sum(d > 0 for d, _ in chosen)
+
+    code, plays = per_source("length")
+    assert code < 8 and plays > 32  # the code has ~7% of the candidates
+    assert per_source("source") == (20, 20)
+
+
+def test_the_natural_gap_is_split_by_source_and_matches_the_testbed_figure(report):
+    gap = report["testbed_natural_gap"]
+    assert gap["value"] == pytest.approx(report["testbed"]["nll_gap_natural"], abs=1e-5)  # float32 NLLs
+    assert gap["n"] == 3 and set(gap["by_source"]) == {"x"}
+    assert gap["by_source"]["x"]["value"] == pytest.approx(gap["value"], abs=1e-9)
+    assert gap["ci95"][0] <= gap["value"] <= gap["ci95"][1]
+
+
 def test_same_seed_same_report(setup, report):
     again = run(setup)
     assert json.dumps(strip_timing(again), sort_keys=True) == json.dumps(strip_timing(report), sort_keys=True)

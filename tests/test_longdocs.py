@@ -178,6 +178,25 @@ def test_short_documents_are_skipped_and_counted(tokenizer):
     assert stream.skipped == {"short": 49}
 
 
+def test_source_weights_set_each_sources_share_of_natural_rows(tokenizer):
+    # docs 0-1 are "stdlib" (short), docs 2-5 "shakespeare" (long): by length the plays take 8 rows in 9
+    arrays = [((np.arange(n) % 80) + 1 + 80 * d).astype(np.int64) for d, n in enumerate([1000, 1000, 4000, 4000, 4000, 4000])]
+    corpus = TokenCorpus([f"doc{d}" for d in range(6)], arrays, ["stdlib"] * 2 + ["shakespeare"] * 4)
+
+    def code_share(**kw):
+        stream = RowStream(tokenizer, 257, mixture={"natural": 1.0}, corpus=corpus, **kw)
+        docs = [int(stream.row(i)[0][1] - 1) // 80 for i in range(600)]
+        return np.mean([d < 2 for d in docs])
+
+    assert abs(code_share() - 1 / 9) < 0.05
+    assert abs(code_share(source_weights={"stdlib": 0.5, "shakespeare": 0.5}) - 0.5) < 0.06
+    assert code_share(source_weights={"stdlib": 1.0}) == 1.0  # an unnamed source gets no rows
+    with pytest.raises(ValueError, match="source_weights must map sources"):
+        RowStream(tokenizer, 257, corpus=corpus, source_weights={"klingon": 1.0})
+    with pytest.raises(ValueError, match="give no weight to any source"):
+        RowStream(tokenizer, 257, corpus=corpus, source_weights={"pydoc": 1.0})
+
+
 def test_rank_sharding_and_exact_resume(tokenizer, monkeypatch):
     corpus = fake_corpus()
     stream = RowStream(tokenizer, 257, corpus=corpus)
