@@ -1192,6 +1192,10 @@ def headline(report):
     lines = [f"testbed (history {report['testbed_history_tokens']}): NLL gap synthetic {_fmt(tb.get('nll_gap_synthetic'))} "
              f"(goal >= 1.0), natural {_fmt(tb.get('nll_gap_natural'))} (goal >= 0.05), passkey full "
              f"{_fmt(tb.get('passkey_full'), 2)} (goal >= 0.95)"]
+    gap = report.get("testbed_natural_gap")
+    if gap:
+        lines.append(f"natural NLL gap by source (positions by {report['config'].get('positions_by', 'length')}): "
+                     + ", ".join(f"{src} {_fmt(g['value'])} (n = {g['n']})" for src, g in gap["by_source"].items()))
     h8 = str(8 * W)
     bpb8 = {m: v[h8] for m, v in report["bpb"].items() if h8 in v}
     if bpb8:

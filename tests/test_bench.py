@@ -329,3 +329,20 @@ def test_readme_benchmark_example_leaves_the_checkout_clean():
     assert r.returncode == 0, r.stderr
     assert "| context |" not in r.stdout and "cached" in r.stdout and "appended to" not in r.stdout
     assert _git_state() == before
+
+
+def test_longrange_copyable_shares_tell_near_from_far_only_copies():
+    import numpy as np
+    import scripts.bench_longrange as bl
+    # a document of fresh tokens except: the judged span at 100..103 copies 10..13 (far only, once the
+    # near window is 16 long) and 104..107 copies 90..93 (inside the near window)
+    doc = np.arange(1000, 1120, dtype=np.int64)
+    doc[100:104] = doc[10:14]
+    doc[104:108] = doc[90:94]
+    counts = bl.copyable_shares([doc], ["code"], vocab=2000, budget=16, history=96, n=2, horizon=8, deepest=100, stride=1000)
+    tot, near, far = counts["code"]
+    assert tot == 8
+    # with a 2-token context, the first two tokens of each copied run have no matching context yet
+    assert far == pytest.approx(2 / 8) and near == pytest.approx(2 / 8)
+    with pytest.raises(ValueError, match="does not fit an int64"):
+        bl.packed_grams(doc, 5, 2 ** 16)
