@@ -13,10 +13,19 @@ to W; a model that does not copy gains little anywhere. Per source; the last lin
 
     far-only copyable share: SOURCE X.XXX, ...
 
+With --model-tag (a base checkpoint under $NANOCHAT_BASE_DIR/base_checkpoints), the same tokens
+are also scored by that model twice, as the harness's `full` and `recency` read them (BOS + the
+last `history` or `budget` tokens + the horizon), and the NLL gap recency - full (nats/token) is
+printed for each class of token: far-only copyable, copyable near, neither (on a seeded sample
+of --model-positions positions per source). It says whether the
+model copies from distant natural text: a copier gains nats on the far-only tokens; the class's
+share times its gap is its part of the testbed's natural gap.
+
 Exact match of token ids (no hashing): an (n+1)-gram is packed into one int64, so the vocabulary
 must satisfy vocab^(n+1) < 2^63.
 """
 
+import random
 import argparse
 
 import numpy as np
@@ -31,6 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--horizon", type=int, default=32, help="tokens judged per position (the harness's H)")
     p.add_argument("--deepest", type=int, default=2048, help="first position (the harness's 16 x W)")
     p.add_argument("--stride", type=int, default=256, help="spacing of positions (the harness's stride)")
+    p.add_argument("--model-tag", default=None, help="also score the tokens with this base checkpoint (full vs recency)")
+    p.add_argument("--device-type", default="cpu", help="cpu | cuda | mps, with --model-tag")
+    p.add_argument("--batch-rows", type=int, default=16, help="rows per forward, with --model-tag")
+    p.add_argument("--model-positions", type=int, default=64, help="positions per source the model scores (a seeded sample)")
     return p.parse_args(argv)
 
 
@@ -47,21 +60,61 @@ def packed_grams(tokens, n, vocab):
     return grams
 
 
+def token_classes(arrays, vocab, budget, history, n, horizon, deepest, stride):
+    """[(doc index, t, classes (horizon,) of 'near' | 'far' | 'none')] at every judged position."""
+    out = []
+    for d, a in enumerate(arrays):
+        g = packed_grams(a, n, vocab)
+        for t in range(deepest, len(a) - horizon + 1, stride):
+            classes = []
+            for j in range(t, t + horizon):
+                # grams wholly inside the window: ending at k with k - n >= window start, k < j
+                if (g[j - budget + n:j] == g[j]).any():
+                    classes.append("near")
+                elif (g[j - history + n:j - budget + n] == g[j]).any():
+                    classes.append("far")
+                else:
+                    classes.append("none")
+            out.append((d, t, classes))
+    return out
+
+
 def copyable_shares(arrays, sources, vocab, budget, history, n, horizon, deepest, stride):
     """source -> (tokens judged, share copyable from the last `budget` tokens, share copyable only from older)."""
     counts = {}
-    for a, src in zip(arrays, sources):
-        g = packed_grams(a, n, vocab)
-        for t in range(deepest, len(a) - horizon + 1, stride):
-            for j in range(t, t + horizon):
-                # grams wholly inside the window: ending at k with k - n >= window start, k < j
-                near = (g[j - budget + n:j] == g[j]).any()
-                far = not near and (g[j - history + n:j - budget + n] == g[j]).any()
-                c = counts.setdefault(src, [0, 0, 0])
-                c[0] += 1
-                c[1] += int(near)
-                c[2] += int(far)
+    for d, _, classes in token_classes(arrays, vocab, budget, history, n, horizon, deepest, stride):
+        c = counts.setdefault(sources[d], [0, 0, 0])
+        c[0] += len(classes)
+        c[1] += classes.count("near")
+        c[2] += classes.count("far")
     return {src: (tot, near / tot, far / tot) for src, (tot, near, far) in sorted(counts.items())}
+
+
+def horizon_nll(model, bos, arrays, positions, context, horizon, batch_rows):
+    """(positions, horizon) NLL of the horizon after BOS + the last `context` tokens, one row per position."""
+    import torch
+    device = model.get_device()
+    out = []
+    for i in range(0, len(positions), batch_rows):
+        rows = [np.concatenate([[bos], arrays[d][t - context:t + horizon]]).astype(np.int64)
+                for d, t in positions[i:i + batch_rows]]
+        idx = torch.tensor(np.stack(rows), device=device)
+        with torch.no_grad():
+            loss = model(idx[:, :-1], targets=idx[:, 1:].contiguous(), loss_reduction="none").view(len(rows), -1)
+        out.append(loss[:, -horizon:].float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def model_gaps(model, bos, arrays, sources, judged, args):
+    """source -> class -> (tokens, mean NLL recency - full) over the judged tokens."""
+    positions = [(d, t) for d, t, _ in judged]
+    full = horizon_nll(model, bos, arrays, positions, args.history, args.horizon, args.batch_rows)
+    recency = horizon_nll(model, bos, arrays, positions, args.budget, args.horizon, args.batch_rows)
+    gaps = {}
+    for k, (d, _, classes) in enumerate(judged):
+        for j, cls in enumerate(classes):
+            gaps.setdefault(sources[d], {}).setdefault(cls, []).append(recency[k, j] - full[k, j])
+    return {src: {cls: (len(v), float(np.mean(v))) for cls, v in sorted(by.items())} for src, by in sorted(gaps.items())}
 
 
 def main(argv=None):
@@ -79,6 +132,27 @@ def main(argv=None):
     for src, (tot, near, far) in shares.items():
         print(f"  {src:12s} {tot:7,d} tokens: copyable from the last {args.budget}: {near:.3f}, "
               f"only from [t-{args.history}, t-{args.budget}): {far:.3f}")
+    if args.model_tag:
+        from nanochat.checkpoint_manager import load_model
+        import torch
+        model, _, _ = load_model("base", torch.device(args.device_type), phase="eval", model_tag=args.model_tag)
+        if args.history + args.horizon + 1 > model.config.sequence_len:
+            raise ValueError(f"--history {args.history} + --horizon {args.horizon} + BOS exceeds the model's "
+                             f"sequence_len {model.config.sequence_len}; lower --history")
+        judged = token_classes(corpus.arrays, tok.get_vocab_size(), args.budget, args.history, args.ngram,
+                               args.horizon, args.deepest, args.stride)
+        rng = random.Random(0)
+        by_source = {}
+        for item in judged:
+            by_source.setdefault(corpus.sources[item[0]], []).append(item)
+        judged = [x for src in sorted(by_source) for x in rng.sample(by_source[src], min(args.model_positions, len(by_source[src])))]
+        gaps = model_gaps(model, tok.get_bos_token_id(), corpus.arrays, corpus.sources, judged, args)
+        print(f"model {args.model_tag}: NLL gap recency - full (nats/token) by class of token")
+        for src, by in gaps.items():
+            total = sum(n for n, _ in by.values())
+            overall = sum(n * g for n, g in by.values()) / total
+            print(f"  {src:12s} all {overall:+.3f} | " + " | ".join(
+                f"{cls} {g:+.3f} (share {n / total:.3f}, part {n * g / total:+.3f})" for cls, (n, g) in by.items()))
     print("far-only copyable share: " + ", ".join(f"{src} {far:.3f}" for src, (_, _, far) in shares.items()))
 
 

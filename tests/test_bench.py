@@ -346,3 +346,23 @@ def test_longrange_copyable_shares_tell_near_from_far_only_copies():
     assert far == pytest.approx(2 / 8) and near == pytest.approx(2 / 8)
     with pytest.raises(ValueError, match="does not fit an int64"):
         bl.packed_grams(doc, 5, 2 ** 16)
+
+
+def test_longrange_horizon_nll_scores_the_horizon_after_bos_and_the_context():
+    import numpy as np
+    import torch.nn.functional as F
+    import scripts.bench_longrange as bl
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L"))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    doc = np.arange(200) % 47 + 1
+    nll = bl.horizon_nll(model, 0, [doc], [(0, 100), (0, 150)], context=20, horizon=5, batch_rows=1)
+    assert nll.shape == (2, 5)
+    row = torch.tensor(np.concatenate([[0], doc[130:155]]))[None]
+    with torch.no_grad():
+        expect = F.cross_entropy(model(row[:, :-1])[0].float(), row[0, 1:], reduction="none")[-5:]
+    assert np.allclose(nll[1], expect.numpy(), atol=1e-4)
