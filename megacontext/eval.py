@@ -173,6 +173,8 @@ def parse_args(argv):
     unknown = [m for m in cfg["methods"] if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    if cfg["positions_by"] not in ("length", "source"):
+        raise ValueError(f"positions_by must be 'length' or 'source', got {cfg['positions_by']!r}")
     check_gist_first_keys(cfg)
     return cfg, out, task_files
 

@@ -198,6 +198,8 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert "--out DIR is required" in capsys.readouterr().err
     assert mceval.main(["--out", str(tmp_path), "--positions=abc"]) == 2
     assert "config key 'positions' expects int, got 'abc'" in capsys.readouterr().err
+    assert mceval.main(["--out", str(tmp_path), "--positions_by=plays"]) == 2
+    assert "positions_by must be 'length' or 'source', got 'plays'" in capsys.readouterr().err
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     assert mceval.main(["--out", str(tmp_path / "o"), "--model_tag=nope"]) == 1
     err = capsys.readouterr().err
