@@ -59,8 +59,8 @@ def natural_document_weights(corpus, source_weights=None):
 
     By default in proportion to its length (every token equally likely). With source_weights
     (source -> share of the natural rows), each source gets that share, split among its
-    documents by length: the offline corpus is mostly plays, and code, whose names and
-    signatures come back thousands of tokens later, would otherwise be a third of it."""
+    documents by length. By length, the plays are 54% of the offline train split and code,
+    whose names and signatures come back thousands of tokens later, 45%."""
     lengths = corpus.lengths().astype(np.float64)
     if not source_weights:
         return lengths
@@ -281,7 +281,8 @@ class LongDocSource:
 
     def describe(self):
         mix = ", ".join(f"{k} {w:g}" for k, w in self.mixture.items())
-        return f"long documents ({', '.join(self.sources)}; mixture {mix}; seed {self.seed})"
+        by = ", ".join(f"{k} {w:g}" for k, w in self.source_weights.items()) if self.source_weights else "by length"
+        return f"long documents ({', '.join(self.sources)}; mixture {mix}; natural rows {by}; seed {self.seed})"
 
     def train_loader(self, tokenizer, B, T, device, resume_state_dict=None):
         """(x, y, state) forever, like nanochat's tokenizing loader; resumes exactly from state."""

@@ -191,6 +191,8 @@ def test_source_weights_set_each_sources_share_of_natural_rows(tokenizer):
     assert abs(code_share() - 1 / 9) < 0.05
     assert abs(code_share(source_weights={"stdlib": 0.5, "shakespeare": 0.5}) - 0.5) < 0.06
     assert code_share(source_weights={"stdlib": 1.0}) == 1.0  # an unnamed source gets no rows
+    assert "natural rows stdlib 0.6, pydoc 0.4;" in LongDocSource(
+        {"source": "longdocs", "source_weights": {"stdlib": 0.6, "pydoc": 0.4}}).describe()
     with pytest.raises(ValueError, match="source_weights must map sources"):
         RowStream(tokenizer, 257, corpus=corpus, source_weights={"klingon": 1.0})
     with pytest.raises(ValueError, match="give no weight to any source"):
