@@ -14,8 +14,8 @@ to W; a model that does not copy gains little anywhere. Per source; the last lin
     far-only copyable share: SOURCE X.XXX, ...
 
 With --model-tag (a base checkpoint under $NANOCHAT_BASE_DIR/base_checkpoints), the same tokens
-are also scored by that model twice, as the harness's `full` and `recency` read them (BOS + the
-last `history` or `budget` tokens + the horizon), and the NLL gap recency - full (nats/token) is
+are also scored by that model twice, by the harness's own `full` and `recency` methods
+(megacontext.eval.Harness: BOS + the last `history` or `budget` tokens + the horizon), and the NLL gap recency - full (nats/token) is
 printed for each class of token: far-only copyable, copyable near, neither (on a seeded sample
 of --model-positions positions per source). It says whether the
 model copies from distant natural text: a copier gains nats on the far-only tokens; the class's
@@ -79,10 +79,10 @@ def token_classes(arrays, vocab, budget, history, n, horizon, deepest, stride):
     return out
 
 
-def copyable_shares(arrays, sources, vocab, budget, history, n, horizon, deepest, stride):
+def copyable_shares(judged, sources):
     """source -> (tokens judged, share copyable from the last `budget` tokens, share copyable only from older)."""
     counts = {}
-    for d, _, classes in token_classes(arrays, vocab, budget, history, n, horizon, deepest, stride):
+    for d, _, classes in judged:
         c = counts.setdefault(sources[d], [0, 0, 0])
         c[0] += len(classes)
         c[1] += classes.count("near")
@@ -90,30 +90,21 @@ def copyable_shares(arrays, sources, vocab, budget, history, n, horizon, deepest
     return {src: (tot, near / tot, far / tot) for src, (tot, near, far) in sorted(counts.items())}
 
 
-def horizon_nll(model, bos, arrays, positions, context, horizon, batch_rows):
-    """(positions, horizon) NLL of the horizon after BOS + the last `context` tokens, one row per position."""
-    import torch
-    device = model.get_device()
-    out = []
-    for i in range(0, len(positions), batch_rows):
-        rows = [np.concatenate([[bos], arrays[d][t - context:t + horizon]]).astype(np.int64)
-                for d, t in positions[i:i + batch_rows]]
-        idx = torch.tensor(np.stack(rows), device=device)
-        with torch.no_grad():
-            loss = model(idx[:, :-1], targets=idx[:, 1:].contiguous(), loss_reduction="none").view(len(rows), -1)
-        out.append(loss[:, -horizon:].float().cpu().numpy())
-    return np.concatenate(out)
-
-
-def model_gaps(model, bos, arrays, sources, judged, args):
-    """source -> class -> (tokens, mean NLL recency - full) over the judged tokens."""
-    positions = [(d, t) for d, t, _ in judged]
-    full = horizon_nll(model, bos, arrays, positions, args.history, args.horizon, args.batch_rows)
-    recency = horizon_nll(model, bos, arrays, positions, args.budget, args.horizon, args.batch_rows)
+def model_gaps(model, tokenizer, arrays, sources, judged, budget, history, batch_rows):
+    """source -> class -> (tokens, mean NLL recency - full) over the judged tokens, each method
+    scored by the harness itself (megacontext.eval.Harness: BOS + the last `history` or `budget`
+    tokens + the horizon)."""
+    from megacontext.eval import DEFAULTS, Harness
+    harness = Harness(model, tokenizer, dict(DEFAULTS, budget_tokens=budget, batch_rows=batch_rows))
+    horizon = len(judged[0][2])
+    histories = [arrays[d][t - history:t].astype(np.int64) for d, t, _ in judged]
+    horizons = [arrays[d][t:t + horizon].astype(np.int64) for d, t, _ in judged]
+    full = harness.run("full", histories, horizons)["nll"]
+    recency = harness.run("recency", histories, horizons)["nll"]
     gaps = {}
     for k, (d, _, classes) in enumerate(judged):
         for j, cls in enumerate(classes):
-            gaps.setdefault(sources[d], {}).setdefault(cls, []).append(recency[k, j] - full[k, j])
+            gaps.setdefault(sources[d], {}).setdefault(cls, []).append(float(recency[k][j] - full[k][j]))
     return {src: {cls: (len(v), float(np.mean(v))) for cls, v in sorted(by.items())} for src, by in sorted(gaps.items())}
 
 
@@ -125,8 +116,9 @@ def main(argv=None):
     from megacontext.longdocs import load_corpus
     tok = get_tokenizer()
     corpus = load_corpus(tok, args.split)
-    shares = copyable_shares(corpus.arrays, corpus.sources, tok.get_vocab_size(), args.budget, args.history,
-                             args.ngram, args.horizon, args.deepest, args.stride)
+    judged = token_classes(corpus.arrays, tok.get_vocab_size(), args.budget, args.history, args.ngram,
+                           args.horizon, args.deepest, args.stride)
+    shares = copyable_shares(judged, corpus.sources)
     print(f"{args.split} split, W = {args.budget}, history {args.history}, {args.ngram}-token context, "
           f"{args.horizon} tokens every {args.stride} from {args.deepest} deep")
     for src, (tot, near, far) in shares.items():
@@ -139,14 +131,12 @@ def main(argv=None):
         if args.history + args.horizon + 1 > model.config.sequence_len:
             raise ValueError(f"--history {args.history} + --horizon {args.horizon} + BOS exceeds the model's "
                              f"sequence_len {model.config.sequence_len}; lower --history")
-        judged = token_classes(corpus.arrays, tok.get_vocab_size(), args.budget, args.history, args.ngram,
-                               args.horizon, args.deepest, args.stride)
         rng = random.Random(0)
         by_source = {}
         for item in judged:
             by_source.setdefault(corpus.sources[item[0]], []).append(item)
-        judged = [x for src in sorted(by_source) for x in rng.sample(by_source[src], min(args.model_positions, len(by_source[src])))]
-        gaps = model_gaps(model, tok.get_bos_token_id(), corpus.arrays, corpus.sources, judged, args)
+        sample = [x for src in sorted(by_source) for x in rng.sample(by_source[src], min(args.model_positions, len(by_source[src])))]
+        gaps = model_gaps(model, tok, corpus.arrays, corpus.sources, sample, args.budget, args.history, args.batch_rows)
         print(f"model {args.model_tag}: NLL gap recency - full (nats/token) by class of token")
         for src, by in gaps.items():
             total = sum(n for n, _ in by.values())

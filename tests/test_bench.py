@@ -339,7 +339,8 @@ def test_longrange_copyable_shares_tell_near_from_far_only_copies():
     doc = np.arange(1000, 1120, dtype=np.int64)
     doc[100:104] = doc[10:14]
     doc[104:108] = doc[90:94]
-    counts = bl.copyable_shares([doc], ["code"], vocab=2000, budget=16, history=96, n=2, horizon=8, deepest=100, stride=1000)
+    judged = bl.token_classes([doc], vocab=2000, budget=16, history=96, n=2, horizon=8, deepest=100, stride=1000)
+    counts = bl.copyable_shares(judged, ["code"])
     tot, near, far = counts["code"]
     assert tot == 8
     # with a 2-token context, the first two tokens of each copied run have no matching context yet
@@ -348,7 +349,8 @@ def test_longrange_copyable_shares_tell_near_from_far_only_copies():
         bl.packed_grams(doc, 5, 2 ** 16)
 
 
-def test_longrange_horizon_nll_scores_the_horizon_after_bos_and_the_context():
+def test_longrange_model_gaps_are_recency_minus_full_nll_after_bos_and_the_context():
+    import types
     import numpy as np
     import torch.nn.functional as F
     import scripts.bench_longrange as bl
@@ -359,10 +361,18 @@ def test_longrange_horizon_nll_scores_the_horizon_after_bos_and_the_context():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    tokenizer = types.SimpleNamespace(get_bos_token_id=lambda: 0)
     doc = np.arange(200) % 47 + 1
-    nll = bl.horizon_nll(model, 0, [doc], [(0, 100), (0, 150)], context=20, horizon=5, batch_rows=1)
-    assert nll.shape == (2, 5)
-    row = torch.tensor(np.concatenate([[0], doc[130:155]]))[None]
-    with torch.no_grad():
-        expect = F.cross_entropy(model(row[:, :-1])[0].float(), row[0, 1:], reduction="none")[-5:]
-    assert np.allclose(nll[1], expect.numpy(), atol=1e-4)
+    judged = [(0, 100, ["far"] * 5), (0, 150, ["none"] * 4 + ["near"])]  # classes as token_classes gives them
+
+    def nll(t, context):  # the horizon's loss after BOS + the last `context` tokens, by hand
+        row = torch.tensor(np.concatenate([[0], doc[t - context:t + 5]]))[None]
+        with torch.no_grad():
+            return F.cross_entropy(model(row[:, :-1])[0].float(), row[0, 1:], reduction="none")[-5:].numpy()
+
+    gaps = bl.model_gaps(model, tokenizer, [doc], ["code"], judged, budget=8, history=40, batch_rows=1)
+    far, none = nll(100, 8) - nll(100, 40), nll(150, 8) - nll(150, 40)
+    assert gaps["code"]["far"] == (5, pytest.approx(float(far.mean()), abs=1e-4))
+    assert gaps["code"]["none"] == (4, pytest.approx(float(none[:4].mean()), abs=1e-4))
+    assert gaps["code"]["near"] == (1, pytest.approx(float(none[4]), abs=1e-4))
