@@ -14,6 +14,12 @@ answer tokens (a dozen in a thousand) that only distant context predicts; with t
 supervised, retrieval did not emerge in 2,000 CPU steps. `synthetic_targets: all` turns the
 mask off.
 
+Copy warm-up (`copy_warmup_rows: N`): the first N rows of the train stream are copy rows, a
+random sequence of COPY_PERIOD merged tokens repeated to fill the row, supervised everywhere. A d4 model
+forms no copy (induction) mechanism from the mixture's few million tokens, so it cannot use the
+names and lines that natural code repeats from far back; on these rows it forms one in about 1,200
+steps of 2 rows (docs/benchmarks.md, "Copy warm-up"). Val and test rows are never copy rows.
+
 Determinism and resume: row i of a stream is a pure function of (seed, split, i): its RNG
 is random.Random(f"{seed}:{split}:{i}"). A stream is therefore resumed exactly from the index
 of its next row, and rank r of a world of size w takes rows r, r + w, r + 2w, ... (the
@@ -43,6 +49,7 @@ from megacontext.synthetic import TASKS, make_case, filler
 KINDS = ("natural",) + TASKS
 DEFAULT_MIXTURE = {"natural": 0.5, "passkey": 0.15, "needle": 0.1, "repeat": 0.1, "assoc": 0.1, "vartrack": 0.05}
 MIN_SYNTHETIC_HISTORY = 128  # shortest synthetic history in a training row (tokens)
+COPY_PERIOD = (16, 300)      # a copy row repeats a random sequence of this many tokens (inclusive range)
 
 
 def check_mixture(mixture):
@@ -83,7 +90,7 @@ class RowStream:
     """Deterministic stream of long-document rows of one split."""
 
     def __init__(self, tokenizer, row_tokens, split="train", mixture=None, seed=0, sources=SOURCES, corpus=None,
-                 synthetic_targets="answers", synthetic_history=None, source_weights=None):
+                 synthetic_targets="answers", synthetic_history=None, source_weights=None, copy_warmup_rows=0):
         if synthetic_targets not in ("answers", "all"):
             raise ValueError(f"synthetic_targets must be 'answers' or 'all', got {synthetic_targets!r}")
         self.synthetic_targets = synthetic_targets
@@ -94,6 +101,9 @@ class RowStream:
             raise ValueError(f"synthetic_history must lie in [{MIN_SYNTHETIC_HISTORY}, {row_tokens - 16}] (room for "
                              f"the answer in a {row_tokens}-token row), got {synthetic_history}")
         self.synthetic_history = synthetic_history
+        if not isinstance(copy_warmup_rows, int) or copy_warmup_rows < 0:
+            raise ValueError(f"copy_warmup_rows must be a non-negative whole number of rows, got {copy_warmup_rows!r}")
+        self.copy_warmup_rows = copy_warmup_rows if split == "train" else 0  # val and test rows never change
         self.tokenizer = tokenizer
         self.row_tokens = row_tokens
         self.split = split
@@ -122,9 +132,11 @@ class RowStream:
 
     def row_with_targets(self, index):
         """(tokens, kind, supervised) of row `index`; supervised[i] says whether token i is a target."""
+        n = self.row_tokens
+        if index < self.copy_warmup_rows:
+            return self.copy_row(random.Random(f"{self.seed}:copy:{index}")), "copy", np.ones(n, dtype=bool)
         rng = random.Random(f"{self.seed}:{self.split}:{index}")
         kind = self.kind_of(rng)
-        n = self.row_tokens
         if kind == "natural":
             d = rng.choices(range(len(self.corpus)), weights=self._natural_weights)[0]
             doc = self.corpus.arrays[d]
@@ -153,6 +165,16 @@ class RowStream:
         if len(tokens) < n:
             tokens = np.concatenate([tokens, filler(rng, self.filler_corpus, n - len(tokens))])
         return tokens, kind, supervised
+
+    def copy_row(self, rng):
+        """A random sequence of COPY_PERIOD tokens, repeated after the BOS to fill the row: every
+        token after its first period is predictable only by finding its earlier copy."""
+        period = rng.randint(*COPY_PERIOD)
+        # the merged tokens: above the 256 byte tokens, below the special tokens (they take the last ids)
+        high = self.tokenizer.get_vocab_size() - len(self.tokenizer.get_special_tokens())
+        sequence = [rng.randrange(256, high) for _ in range(period)]
+        repeats = (self.row_tokens - 1) // period + 1
+        return np.asarray(([self.bos] + sequence * repeats)[:self.row_tokens], dtype=np.int64)
 
     def rows(self, start=0, rank=0, world_size=1, with_targets=False):
         """Yield (index, tokens, kind[, supervised]) for index = start, start + world_size, ...
@@ -260,10 +282,11 @@ class LongDocSource:
     text sources, default all of longdocs.SOURCES), source_weights (source -> share of the
     natural rows; default: by length, see natural_document_weights), val_seed, synthetic_targets
     (answers | all, see the module docstring), synthetic_history (tokens before every synthetic
-    answer, BOS and question included; default: a random length per row)."""
+    answer, BOS and question included; default: a random length per row), copy_warmup_rows
+    (train rows before the mixture that are copy rows, see the module docstring; default 0)."""
 
     KEYS = ("source", "mixture", "seed", "sources", "source_weights", "val_seed", "synthetic_targets",
-            "synthetic_history")
+            "synthetic_history", "copy_warmup_rows")
 
     def __init__(self, config):
         unknown = set(config) - set(self.KEYS)
@@ -278,17 +301,19 @@ class LongDocSource:
         self.synthetic_targets = self.config.get("synthetic_targets", "answers")
         self.synthetic_history = self.config.get("synthetic_history")
         self.source_weights = self.config.get("source_weights")
+        self.copy_warmup_rows = self.config.get("copy_warmup_rows", 0)
 
     def describe(self):
         mix = ", ".join(f"{k} {w:g}" for k, w in self.mixture.items())
         by = ", ".join(f"{k} {w:g}" for k, w in self.source_weights.items()) if self.source_weights else "by length"
-        return f"long documents ({', '.join(self.sources)}; mixture {mix}; natural rows {by}; seed {self.seed})"
+        warmup = f"{self.copy_warmup_rows:,} copy rows first; " if self.copy_warmup_rows else ""
+        return f"long documents ({', '.join(self.sources)}; {warmup}mixture {mix}; natural rows {by}; seed {self.seed})"
 
     def train_loader(self, tokenizer, B, T, device, resume_state_dict=None):
         """(x, y, state) forever, like nanochat's tokenizing loader; resumes exactly from state."""
         stream = RowStream(tokenizer, T + 1, "train", self.mixture, self.seed, self.sources,
                            synthetic_targets=self.synthetic_targets, synthetic_history=self.synthetic_history,
-                           source_weights=self.source_weights)
+                           source_weights=self.source_weights, copy_warmup_rows=self.copy_warmup_rows)
         if stream.skipped:
             print(f"long documents: {len(stream.skipped)} train documents shorter than {T} tokens are "
                   f"used only as synthetic filler")

@@ -230,6 +230,32 @@ def test_rank_sharding_and_exact_resume(tokenizer, monkeypatch):
         LongDocSource({"source": "longdocs", "mixtures": {}})
 
 
+def test_copy_warmup_rows_come_first_then_the_mixture_unchanged(tokenizer, monkeypatch):
+    corpus = fake_corpus()
+    plain = RowStream(tokenizer, 257, corpus=corpus, seed=5)
+    warm = RowStream(tokenizer, 257, corpus=corpus, seed=5, copy_warmup_rows=3)
+    special = set(tokenizer.encode_special(name) for name in tokenizer.get_special_tokens())
+    for i in range(3):
+        tokens, kind, supervised = warm.row_with_targets(i)
+        assert kind == "copy" and len(tokens) == 257 and supervised.all() and tokens[0] == tokenizer.get_bos_token_id()
+        body = tokens[1:]
+        period = next(p for p in range(1, 257) if (body[p:] == body[:-p]).all())  # the row repeats its sequence
+        assert 16 <= period <= 300 and not special & set(body.tolist()) and body.min() >= 256
+    for i in range(3, 12):  # after the warm-up, the very rows of the stream without it
+        assert np.array_equal(warm.row(i)[0], plain.row(i)[0]) and warm.row(i)[1] == plain.row(i)[1]
+    assert not np.array_equal(warm.row(0)[0], warm.row(1)[0])
+    # only the train stream warms up; val and test rows never change
+    val = RowStream(tokenizer, 257, split="val", corpus=corpus, copy_warmup_rows=3)
+    assert val.row(0)[1] != "copy"
+    with pytest.raises(ValueError, match="copy_warmup_rows must be a non-negative whole number"):
+        RowStream(tokenizer, 257, corpus=corpus, copy_warmup_rows=-1)
+    monkeypatch.setattr("megacontext.window_loader.load_corpus", lambda *a, **k: corpus)
+    source = LongDocSource({"source": "longdocs", "copy_warmup_rows": 4})
+    assert "4 copy rows first" in source.describe()
+    x, y, _ = next(source.train_loader(tokenizer, 2, 256, "cpu"))
+    assert (y >= 0).all() and (x[:, 1:] == y[:, :-1]).all()  # copy rows are supervised everywhere
+
+
 def test_synthetic_rows_supervise_the_question_and_answers_only(tokenizer, monkeypatch):
     corpus = fake_corpus()
     stream = RowStream(tokenizer, 513, mixture={"assoc": 1.0}, corpus=corpus)
