@@ -17,8 +17,9 @@ mask off.
 Copy warm-up (`copy_warmup_rows: N`): the first N rows of the train stream are copy rows, a
 random sequence of COPY_PERIOD merged tokens repeated to fill the row, supervised everywhere. A d4 model
 forms no copy (induction) mechanism from the mixture's few million tokens, so it cannot use the
-names and lines that natural code repeats from far back; on these rows it forms one in about 1,200
-steps of 2 rows (docs/benchmarks.md, "Copy warm-up"). Val and test rows are never copy rows.
+names and lines that natural code repeats from far back; on these rows it forms one in 700-1,200
+steps of 2 rows (docs/benchmarks.md, "Copy warm-up"; configs/longctx_copy_cpu.yaml uses 2,400 rows).
+Val and test rows are never copy rows.
 
 Determinism and resume: row i of a stream is a pure function of (seed, split, i): its RNG
 is random.Random(f"{seed}:{split}:{i}"). A stream is therefore resumed exactly from the index

@@ -309,3 +309,22 @@ def test_a_case_written_as_a_document_holds_the_fact_and_prints_question_and_ans
     assert f"The pass key is {answer}." in text and "What is the pass key?" not in text
     assert text.index(f"The pass key is {answer}") < len(text) // 2  # depth 0.3: in the first half
     assert "question: '\\nWhat is the pass key? The pass key is '" in printed
+
+
+def test_copy_testbed_config_is_the_testbed_with_a_warmup_that_leaves_the_mixture_its_steps():
+    import yaml
+    from pathlib import Path
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    plain = yaml.safe_load((configs / "longctx_cpu.yaml").read_text())
+    copy = yaml.safe_load((configs / "longctx_copy_cpu.yaml").read_text())
+    warmup_rows = copy["data"].pop("copy_warmup_rows")
+    rows_per_step = copy["total_batch_size"] // copy["max_seq_len"]
+    # the same model, optimizer and mixture (so JT1, JT2 and the harness fit it as they fit longctx_cpu) ...
+    for key in ("num_iterations", "model_tag"):
+        plain.pop(key), copy.pop(key)
+    assert copy == plain
+    # ... and after the warm-up, as many mixture steps as longctx_cpu.yaml trains
+    config = yaml.safe_load((configs / "longctx_copy_cpu.yaml").read_text())
+    assert warmup_rows % rows_per_step == 0
+    assert config["num_iterations"] - warmup_rows // rows_per_step == yaml.safe_load(
+        (configs / "longctx_cpu.yaml").read_text())["num_iterations"]
