@@ -62,6 +62,12 @@ def check_mixture(mixture):
     return {k: float(w) for k, w in mixture.items() if w > 0}
 
 
+def check_copy_warmup_rows(rows):
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"copy_warmup_rows must be a non-negative whole number of rows, got {rows!r}")
+    return rows
+
+
 def natural_document_weights(corpus, source_weights=None):
     """How often each document of `corpus` is drawn for a natural row.
 
@@ -102,8 +108,7 @@ class RowStream:
             raise ValueError(f"synthetic_history must lie in [{MIN_SYNTHETIC_HISTORY}, {row_tokens - 16}] (room for "
                              f"the answer in a {row_tokens}-token row), got {synthetic_history}")
         self.synthetic_history = synthetic_history
-        if not isinstance(copy_warmup_rows, int) or copy_warmup_rows < 0:
-            raise ValueError(f"copy_warmup_rows must be a non-negative whole number of rows, got {copy_warmup_rows!r}")
+        check_copy_warmup_rows(copy_warmup_rows)
         self.copy_warmup_rows = copy_warmup_rows if split == "train" else 0  # val and test rows never change
         self.tokenizer = tokenizer
         self.row_tokens = row_tokens
@@ -302,7 +307,7 @@ class LongDocSource:
         self.synthetic_targets = self.config.get("synthetic_targets", "answers")
         self.synthetic_history = self.config.get("synthetic_history")
         self.source_weights = self.config.get("source_weights")
-        self.copy_warmup_rows = self.config.get("copy_warmup_rows", 0)
+        self.copy_warmup_rows = check_copy_warmup_rows(self.config.get("copy_warmup_rows", 0))
 
     def describe(self):
         mix = ", ".join(f"{k} {w:g}" for k, w in self.mixture.items())
